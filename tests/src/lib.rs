@@ -231,10 +231,9 @@ impl Mock {
                 .await
                 .unwrap_or_else(|e| panic!("mock {} {method} {path}: {e}", self.name))
         } else {
-            let mut req = self.http.request(
-                method.parse().expect("http method"),
-                self.url(path),
-            );
+            let mut req = self
+                .http
+                .request(method.parse().expect("http method"), self.url(path));
             if let Some(b) = body {
                 req = req.header("content-type", "application/json").body(b);
             }
@@ -369,13 +368,9 @@ impl Gateway {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("sluice exited during startup with {status} (log above)");
+                panic!("sluice exited during startup with {status} (its log is printed below)");
             }
-            let probe = http
-                .get(&url)
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await;
+            let probe = http.get(&url).timeout(Duration::from_secs(2)).send().await;
             if matches!(&probe, Ok(r) if r.status() == 200) {
                 return;
             }

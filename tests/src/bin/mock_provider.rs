@@ -37,7 +37,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 #[derive(Parser, Debug)]
-#[command(name = "mock-provider", about = "Scriptable mock LLM provider for sluice tests")]
+#[command(
+    name = "mock-provider",
+    about = "Scriptable mock LLM provider for sluice tests"
+)]
 struct Args {
     /// TCP port; 0 picks a free one (printed on the LISTENING line).
     #[arg(long, default_value_t = 0)]
@@ -55,6 +58,9 @@ struct Args {
     #[arg(long)]
     exit_on_stdin_eof: bool,
 }
+
+/// Pause before a scripted abort so the bytes before it reach the client.
+const ABORT_FLUSH_PAUSE: Duration = Duration::from_millis(50);
 
 /// How many recent requests `/__mock/requests` keeps.
 const REQUEST_LOG_CAP: usize = 100;
@@ -610,7 +616,10 @@ async fn inference(
             let full = completion_json(mock, req, ep).to_string();
             let half = Bytes::from(full[..full.len() / 2].to_owned());
             let guard = StreamGuard::new(mock, in_flight);
-            let steps = vec![(Duration::ZERO, Step::Chunk(half)), (Duration::ZERO, Step::Abort)];
+            let steps = vec![
+                (Duration::ZERO, Step::Chunk(half)),
+                (Duration::ZERO, Step::Abort),
+            ];
             let mut resp = Response::new(step_body(steps, guard));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -769,6 +778,9 @@ fn step_body(steps: Vec<(Duration, Step)>, guard: StreamGuard) -> Body {
                 Ok(bytes)
             }
             Step::Abort => {
+                // hyper only flushes when the body stalls; without this pause it would drop
+                // the connection before the headers and earlier chunks left its write buffer.
+                tokio::time::sleep(ABORT_FLUSH_PAUSE).await;
                 guard.finish(true);
                 Err(io::Error::other("mock: drop-mid-stream"))
             }
@@ -791,9 +803,15 @@ fn sse(
 ) -> Response {
     let chat = ep == Endpoint::Chat;
     let (id, object) = if chat {
-        (format!("chatcmpl-{}-{}", mock.name, mock.next_id()), "chat.completion.chunk")
+        (
+            format!("chatcmpl-{}-{}", mock.name, mock.next_id()),
+            "chat.completion.chunk",
+        )
     } else {
-        (format!("cmpl-{}-{}", mock.name, mock.next_id()), "text_completion")
+        (
+            format!("cmpl-{}-{}", mock.name, mock.next_id()),
+            "text_completion",
+        )
     };
     let include_usage = req
         .json_field("stream_options")
@@ -836,7 +854,11 @@ fn sse(
             steps.push((delay, Step::Abort));
             break;
         }
-        let finish = if i + 1 == k { json!("stop") } else { Value::Null };
+        let finish = if i + 1 == k {
+            json!("stop")
+        } else {
+            Value::Null
+        };
         let text = format!("tok{i} ");
         let choice = if chat {
             json!({"index": 0, "delta": {"content": text}, "logprobs": null,

@@ -1,0 +1,128 @@
+//! Which gateway route a request path names. OpenAI routes exist with and without `/v1`.
+
+use crate::provider::Operation;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// An inference call; `path_model` is the model named in an Azure-style path.
+    Inference {
+        op: Operation,
+        path_model: Option<String>,
+    },
+    Models,
+    ModelInfo,
+    ModelGroupInfo,
+    Liveliness,
+    Readiness,
+    Health,
+    Metrics,
+    /// `/vllm/{rest}`: `rest` keeps its leading `/` and the query string.
+    VllmPassthrough { rest: String },
+    NotFound,
+}
+
+fn op_for(path: &str) -> Option<Operation> {
+    match path {
+        "/chat/completions" => Some(Operation::ChatCompletions),
+        "/completions" => Some(Operation::Completions),
+        "/embeddings" => Some(Operation::Embeddings),
+        _ => None,
+    }
+}
+
+/// Classifies a request. `path_and_query` is the raw request target.
+pub fn classify(method: &str, path_and_query: &str) -> Route {
+    let (path, _) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    if let Some(rest) = path.strip_prefix("/vllm") {
+        if rest.is_empty() || rest.starts_with('/') {
+            let rest = &path_and_query["/vllm".len()..];
+            return Route::VllmPassthrough {
+                rest: if rest.is_empty() || rest.starts_with('?') {
+                    format!("/{rest}")
+                } else {
+                    rest.to_string()
+                },
+            };
+        }
+    }
+    let path = path.trim_end_matches('/');
+    let bare = path.strip_prefix("/v1").unwrap_or(path);
+    let post = method.eq_ignore_ascii_case("POST");
+    let get = method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD");
+    if post {
+        if let Some(op) = op_for(bare) {
+            return Route::Inference {
+                op,
+                path_model: None,
+            };
+        }
+        // Azure shape: /openai/deployments/{model}/chat/completions
+        if let Some(rest) = bare.strip_prefix("/openai/deployments/") {
+            if let Some((model, tail)) = rest.split_once('/') {
+                if let Some(op) = op_for(&format!("/{tail}")) {
+                    if !model.is_empty() {
+                        return Route::Inference {
+                            op,
+                            path_model: Some(model.to_string()),
+                        };
+                    }
+                }
+            }
+        }
+    }
+    if get {
+        match bare {
+            "/models" => return Route::Models,
+            "/model/info" => return Route::ModelInfo,
+            "/model_group/info" => return Route::ModelGroupInfo,
+            "/health/liveliness" | "/health/liveness" => return Route::Liveliness,
+            "/health/readiness" => return Route::Readiness,
+            "/health" => return Route::Health,
+            "/metrics" => return Route::Metrics,
+            _ => {}
+        }
+    }
+    Route::NotFound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_routes() {
+        assert_eq!(
+            classify("POST", "/v1/chat/completions"),
+            Route::Inference {
+                op: Operation::ChatCompletions,
+                path_model: None
+            }
+        );
+        assert_eq!(
+            classify("POST", "/embeddings"),
+            Route::Inference {
+                op: Operation::Embeddings,
+                path_model: None
+            }
+        );
+        assert_eq!(
+            classify("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2024-02-01"),
+            Route::Inference {
+                op: Operation::ChatCompletions,
+                path_model: Some("gpt-4o".into())
+            }
+        );
+        assert_eq!(classify("GET", "/v1/models"), Route::Models);
+        assert_eq!(classify("GET", "/health/liveness"), Route::Liveliness);
+        assert_eq!(
+            classify("POST", "/vllm/v1/chat/completions?x=1"),
+            Route::VllmPassthrough {
+                rest: "/v1/chat/completions?x=1".into()
+            }
+        );
+        assert_eq!(classify("GET", "/vllmx"), Route::NotFound);
+        assert_eq!(classify("GET", "/chat/completions"), Route::NotFound);
+    }
+}

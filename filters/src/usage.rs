@@ -1,0 +1,188 @@
+//! Token usage as OpenAI reports it, and the incremental SSE scanner that captures it from a
+//! stream without holding the stream back.
+
+use memchr::memmem;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+/// Usage from a whole (non-streamed) OpenAI-shaped response body.
+pub fn usage_from_body(body: &[u8]) -> Option<Usage> {
+    if memmem::find(body, b"\"usage\"").is_none() {
+        return None;
+    }
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+/// Splits an SSE byte stream into events, records the `usage` chunk and, when Sluice asked the
+/// upstream for usage on the client's behalf, removes that extra chunk from what the client sees.
+/// Only a trailing partial event is ever held back; complete events pass at once.
+#[derive(Debug, Default)]
+pub struct SseUsageScanner {
+    pending: Vec<u8>,
+    strip_usage_chunk: bool,
+    usage: Option<Usage>,
+    events: u64,
+}
+
+impl SseUsageScanner {
+    pub fn new(strip_usage_chunk: bool) -> Self {
+        SseUsageScanner {
+            strip_usage_chunk,
+            ..Default::default()
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Complete events seen so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Feeds upstream bytes; appends what the client should receive to `out`.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        if self.pending.is_empty() {
+            let consumed = self.scan(chunk, out);
+            self.pending.extend_from_slice(&chunk[consumed..]);
+        } else {
+            let mut data = std::mem::take(&mut self.pending);
+            data.extend_from_slice(chunk);
+            let consumed = self.scan(&data, out);
+            data.drain(..consumed);
+            self.pending = data;
+        }
+    }
+
+    /// Passes on every complete event in `data`; returns how many bytes they took.
+    fn scan(&mut self, data: &[u8], out: &mut Vec<u8>) -> usize {
+        let mut start = 0;
+        while let Some(end) = event_end(&data[start..]) {
+            let event = &data[start..start + end];
+            self.events += 1;
+            if !self.inspect(event) {
+                out.extend_from_slice(event);
+            }
+            start += end;
+        }
+        start
+    }
+
+    /// Flushes whatever partial event remains at the end of the stream.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        let rest = std::mem::take(&mut self.pending);
+        if !rest.is_empty() && !self.inspect(&rest) {
+            out.extend_from_slice(&rest);
+        }
+    }
+
+    /// Records usage; returns true when the event must be withheld from the client.
+    fn inspect(&mut self, event: &[u8]) -> bool {
+        if memmem::find(event, b"\"usage\"").is_none() {
+            return false;
+        }
+        let Some(json) = event_data(event) else {
+            return false;
+        };
+        let Ok(parsed) = serde_json::from_slice::<WithUsage>(json) else {
+            return false;
+        };
+        if let Some(u) = parsed.usage {
+            self.usage = Some(u);
+            return self.strip_usage_chunk && parsed.choices.is_none_or(|c| c.is_empty());
+        }
+        false
+    }
+}
+
+/// Length of the first complete event (including its blank-line terminator), if any.
+fn event_end(data: &[u8]) -> Option<usize> {
+    let lf = memmem::find(data, b"\n\n").map(|i| i + 2);
+    let crlf = memmem::find(data, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The payload of an event's `data:` line(s) (single-line data is the OpenAI convention).
+fn event_data(event: &[u8]) -> Option<&[u8]> {
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+            return Some(rest);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = "data: {\"id\":\"1\",\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n\
+data: {\"id\":\"1\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
+data: {\"id\":\"1\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n\
+data: [DONE]\n\n";
+
+    fn run(strip: bool, splits: &[usize]) -> (String, Option<Usage>) {
+        let mut s = SseUsageScanner::new(strip);
+        let mut out = vec![];
+        let bytes = STREAM.as_bytes();
+        let mut at: usize = 0;
+        for &n in splits.iter().chain(std::iter::once(&usize::MAX)) {
+            let end = at.saturating_add(n).min(bytes.len());
+            s.feed(&bytes[at..end], &mut out);
+            at = end;
+            if at == bytes.len() {
+                break;
+            }
+        }
+        s.finish(&mut out);
+        (String::from_utf8(out).unwrap(), s.usage())
+    }
+
+    #[test]
+    fn captures_usage_for_any_split() {
+        let expected_usage = Some(Usage {
+            prompt_tokens: 7,
+            completion_tokens: 2,
+            total_tokens: 9,
+        });
+        for split in [1, 2, 3, 7, 13, 64, 1000] {
+            let (out, usage) = run(false, &vec![split; 1000]);
+            assert_eq!(out, STREAM);
+            assert_eq!(usage, expected_usage);
+            let (out, usage) = run(true, &vec![split; 1000]);
+            assert!(!out.contains("usage"), "{out}");
+            assert!(out.ends_with("data: [DONE]\n\n"));
+            assert_eq!(usage, expected_usage);
+        }
+    }
+
+    #[test]
+    fn usage_from_whole_body() {
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        assert_eq!(usage_from_body(body).unwrap().total_tokens, 7);
+        assert_eq!(usage_from_body(b"{}"), None);
+    }
+}
