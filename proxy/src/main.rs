@@ -1,1 +1,106 @@
-fn main(){}
+//! The `sluice` binary: load the config, then serve (or only check it).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use sluice_proxy::app::App;
+use sluice_proxy::server::{run, ServeOptions};
+
+/// Sluice: an OpenAI-compatible LLM gateway that reads LiteLLM configs.
+#[derive(Parser, Debug)]
+#[command(name = "sluice", version)]
+struct Cli {
+    /// LiteLLM-style config.yaml (else CONFIG_FILE_PATH, else the embedded default).
+    #[arg(long, env = "CONFIG_FILE_PATH")]
+    config: Option<PathBuf>,
+    /// Validate a config file, print its routing table (secrets redacted) and exit.
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    #[arg(long, default_value_t = 4000)]
+    port: u16,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    num_workers: Option<usize>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    json_logs: bool,
+    /// Seconds in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    graceful_shutdown_secs: u64,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("LITELLM_LOG"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(path) = &cli.check_config {
+        match sluice_config::load_file(path) {
+            Ok(c) => {
+                print!("{}", sluice_config::routing_table(&c));
+                println!("config OK");
+                return;
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    init_logging(cli.json_logs);
+    let config = match &cli.config {
+        Some(path) => match sluice_config::load_file(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        },
+        None => {
+            tracing::info!("no --config or CONFIG_FILE_PATH: using the embedded default (any model name routed to the provider it names)");
+            sluice_config::embedded_default()
+        }
+    };
+    if !config.ignored_keys.is_empty() {
+        tracing::warn!(
+            keys = %config.ignored_keys.join(", "),
+            "config keys accepted but not implemented by Sluice yet (ignored)"
+        );
+    }
+    tracing::info!(
+        deployments = config.deployments.len(),
+        strategy = config.router.routing_strategy.as_str(),
+        auth = if config.general.master_key.is_some() { "master_key" } else { "open" },
+        "config loaded from {}",
+        config.source.display()
+    );
+    let app = Arc::new(App::new(config));
+    let workers = cli
+        .num_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if let Err(e) = run(
+        app,
+        ServeOptions {
+            host: cli.host,
+            port: cli.port,
+            workers,
+            graceful_shutdown_secs: cli.graceful_shutdown_secs,
+        },
+    ) {
+        eprintln!("sluice: {e}");
+        std::process::exit(1);
+    }
+}

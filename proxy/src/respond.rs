@@ -1,0 +1,68 @@
+//! Writing answers to the client: JSON bodies, the OpenAI error shape (the one place errors
+//! become HTTP), and the headers every answer carries.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use sluice_filters::ApiError;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Headers that describe one connection and are never copied between hops.
+pub fn is_hop_header(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "content-length"
+            | "host"
+    )
+}
+
+/// A response header with the gateway's standard headers set.
+pub fn header(status: u16, call_id: &str, extra: &[(&str, String)]) -> ResponseHeader {
+    let mut h = ResponseHeader::build(status, Some(8 + extra.len())).expect("valid status");
+    let _ = h.insert_header("x-litellm-call-id", call_id);
+    let _ = h.insert_header("x-litellm-version", VERSION);
+    for (k, v) in extra {
+        let _ = h.append_header(k.to_string(), v.as_str());
+    }
+    h
+}
+
+/// Sends a complete response. Returns false if the client is gone.
+pub async fn send(session: &mut Session, mut h: ResponseHeader, body: Bytes) -> bool {
+    let _ = h.insert_header("content-length", body.len().to_string());
+    if session.write_response_header(Box::new(h), body.is_empty()).await.is_err() {
+        return false;
+    }
+    if body.is_empty() {
+        return true;
+    }
+    session.write_response_body(Some(body), true).await.is_ok()
+}
+
+pub async fn send_json(
+    session: &mut Session,
+    status: u16,
+    call_id: &str,
+    body: impl Into<Bytes>,
+    extra: &[(&str, String)],
+) -> bool {
+    let mut h = header(status, call_id, extra);
+    let _ = h.insert_header("content-type", "application/json");
+    send(session, h, body.into()).await
+}
+
+pub async fn send_error(session: &mut Session, call_id: &str, err: &ApiError, extra: &[(&str, String)]) -> bool {
+    let mut extra = extra.to_vec();
+    if let Some(s) = err.retry_after {
+        extra.push(("retry-after", s.to_string()));
+    }
+    send_json(session, err.status, call_id, err.body(), &extra).await
+}
