@@ -57,9 +57,7 @@ pub fn opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Erro
         Some(Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
             "true" | "yes" | "1" => Ok(Some(true)),
             "false" | "no" | "0" => Ok(Some(false)),
-            _ => Err(D::Error::custom(format!(
-                "expected a boolean, got \"{s}\""
-            ))),
+            _ => Err(D::Error::custom(format!("expected a boolean, got \"{s}\""))),
         },
         Some(v) => Err(D::Error::custom(format!("expected a boolean, got {v}"))),
     }

@@ -54,7 +54,13 @@ impl fmt::Display for ConfigError {
             if self.problems.len() == 1 { "" } else { "s" }
         )?;
         for p in &self.problems {
-            write!(f, "\n  {}: {}: expected {}", self.file.display(), p.path, p.expected)?;
+            write!(
+                f,
+                "\n  {}: {}: expected {}",
+                self.file.display(),
+                p.path,
+                p.expected
+            )?;
         }
         Ok(())
     }
@@ -119,7 +125,11 @@ pub fn routing_table(config: &Config) -> String {
             None => "open (no master_key)".into(),
         }
     );
-    let mut groups: Vec<&str> = config.deployments.iter().map(|d| d.model_name.as_str()).collect();
+    let mut groups: Vec<&str> = config
+        .deployments
+        .iter()
+        .map(|d| d.model_name.as_str())
+        .collect();
     groups.dedup();
     let mut seen = std::collections::BTreeSet::new();
     for g in groups {
@@ -135,7 +145,10 @@ pub fn routing_table(config: &Config) -> String {
                 d.provider,
                 d.upstream_model,
                 d.api_base.as_deref().unwrap_or("(none)"),
-                d.api_key.as_deref().map(redact).unwrap_or_else(|| "(none)".into()),
+                d.api_key
+                    .as_deref()
+                    .map(redact)
+                    .unwrap_or_else(|| "(none)".into()),
                 d.rpm.map(|v| format!(" rpm={v}")).unwrap_or_default(),
                 d.tpm.map(|v| format!(" tpm={v}")).unwrap_or_default(),
                 d.weight.map(|v| format!(" weight={v}")).unwrap_or_default(),
@@ -171,7 +184,11 @@ pub fn routing_table(config: &Config) -> String {
         let _ = writeln!(out, "pass-through {} -> {}", p.path, p.target);
     }
     if !config.ignored_keys.is_empty() {
-        let _ = writeln!(out, "not implemented (ignored): {}", config.ignored_keys.join(", "));
+        let _ = writeln!(
+            out,
+            "not implemented (ignored): {}",
+            config.ignored_keys.join(", ")
+        );
     }
     out
 }

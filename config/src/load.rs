@@ -19,17 +19,47 @@ use crate::{ConfigError, Problem};
 
 /// Default request parameters that may sit in `litellm_params` and are sent upstream.
 const REQUEST_PARAMS: &[&str] = &[
-    "temperature", "max_tokens", "max_completion_tokens", "top_p", "n", "stop", "seed",
-    "presence_penalty", "frequency_penalty", "logit_bias", "response_format", "top_k", "min_p",
-    "repetition_penalty", "user", "logprobs", "top_logprobs", "reasoning_effort", "tool_choice",
-    "parallel_tool_calls", "stream_options", "dimensions", "encoding_format", "extra_body",
+    "temperature",
+    "max_tokens",
+    "max_completion_tokens",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "user",
+    "logprobs",
+    "top_logprobs",
+    "reasoning_effort",
+    "tool_choice",
+    "parallel_tool_calls",
+    "stream_options",
+    "dimensions",
+    "encoding_format",
+    "extra_body",
 ];
 
 /// Provider credential keys carried for providers with their own auth (later translators).
 const PROVIDER_PARAMS: &[&str] = &[
-    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_region_name",
-    "aws_role_name", "aws_session_name", "aws_profile_name", "aws_bedrock_runtime_endpoint",
-    "vertex_project", "vertex_location", "vertex_credentials", "azure_ad_token", "region_name",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "aws_region_name",
+    "aws_role_name",
+    "aws_session_name",
+    "aws_profile_name",
+    "aws_bedrock_runtime_endpoint",
+    "vertex_project",
+    "vertex_location",
+    "vertex_credentials",
+    "azure_ad_token",
+    "region_name",
 ];
 
 #[derive(Deserialize, Default)]
@@ -358,7 +388,10 @@ pub fn parse_config(text: &str, source: &Path) -> Result<Config, ConfigError> {
     let from_router: RawRouting = loader
         .parse(Value::Object(router_map.clone()), "router_settings")
         .unwrap_or_default();
-    for (section, raw) in [("litellm_settings", &from_litellm), ("router_settings", &from_router)] {
+    for (section, raw) in [
+        ("litellm_settings", &from_litellm),
+        ("router_settings", &from_router),
+    ] {
         loader.ignore_rest(section, &raw.rest);
     }
     let (router, model_group_alias) = build_router(&mut loader, from_litellm, from_router);
@@ -536,12 +569,18 @@ fn build_router(
     let context_window_fallbacks = parse_fallbacks(
         loader,
         pick!(context_window_fallbacks),
-        &fb_path("context_window_fallbacks", r.context_window_fallbacks.is_some()),
+        &fb_path(
+            "context_window_fallbacks",
+            r.context_window_fallbacks.is_some(),
+        ),
     );
     let content_policy_fallbacks = parse_fallbacks(
         loader,
         pick!(content_policy_fallbacks),
-        &fb_path("content_policy_fallbacks", r.content_policy_fallbacks.is_some()),
+        &fb_path(
+            "content_policy_fallbacks",
+            r.content_policy_fallbacks.is_some(),
+        ),
     );
     let retry_policy = parse_policy(
         loader,
@@ -561,7 +600,13 @@ fn build_router(
         let path = format!("router_settings.model_group_alias.{alias}");
         match v {
             Value::String(target) => {
-                aliases.insert(alias, GroupAlias { target, hidden: false });
+                aliases.insert(
+                    alias,
+                    GroupAlias {
+                        target,
+                        hidden: false,
+                    },
+                );
             }
             Value::Object(m) => match m.get("model").and_then(Value::as_str) {
                 Some(target) => {
@@ -580,9 +625,7 @@ fn build_router(
         }
     }
 
-    let timeout = pick!(timeout)
-        .or(pick!(request_timeout))
-        .unwrap_or(6000.0);
+    let timeout = pick!(timeout).or(pick!(request_timeout)).unwrap_or(6000.0);
     let settings = RouterSettings {
         routing_strategy: strategy,
         num_retries: pick!(num_retries)
@@ -611,10 +654,8 @@ fn build_router(
         enable_tag_filtering: pick!(enable_tag_filtering).unwrap_or(false),
         tag_filtering_match_any: pick!(tag_filtering_match_any).unwrap_or(true),
         failure_threshold_percent: env_number("DEFAULT_FAILURE_THRESHOLD_PERCENT").unwrap_or(0.5),
-        failure_threshold_minimum_requests: env_number(
-            "DEFAULT_FAILURE_THRESHOLD_MINIMUM_REQUESTS",
-        )
-        .unwrap_or(5.0) as u64,
+        failure_threshold_minimum_requests: env_number("DEFAULT_FAILURE_THRESHOLD_MINIMUM_REQUESTS")
+            .unwrap_or(5.0) as u64,
         single_deployment_failure_threshold: env_number(
             "SINGLE_DEPLOYMENT_TRAFFIC_FAILURE_THRESHOLD",
         )
@@ -626,7 +667,12 @@ fn build_router(
 fn build_general(loader: &mut Loader, g: RawGeneral) -> GeneralSettings {
     loader.ignore_rest("general_settings", &g.rest);
     let mut endpoints = vec![];
-    for (i, v) in g.pass_through_endpoints.unwrap_or_default().into_iter().enumerate() {
+    for (i, v) in g
+        .pass_through_endpoints
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         let path = format!("general_settings.pass_through_endpoints[{i}]");
         let Some(p) = loader.parse::<RawPassThrough>(v, &path) else {
             continue;
@@ -636,10 +682,7 @@ fn build_general(loader: &mut Loader, g: RawGeneral) -> GeneralSettings {
             loader.problem(format!("{path}.path"), "a path starting with '/'");
         }
         if !(p.target.starts_with("http://") || p.target.starts_with("https://")) {
-            loader.problem(
-                format!("{path}.target"),
-                "an http:// or https:// URL",
-            );
+            loader.problem(format!("{path}.target"), "an http:// or https:// URL");
         }
         endpoints.push(PassThroughEndpoint {
             path: p.path.trim_end_matches('/').to_string(),
@@ -707,7 +750,10 @@ fn build_deployments(
     };
     let info_map = raw.model_info.unwrap_or_default();
     let info: RawModelInfo = loader
-        .parse(Value::Object(info_map.clone()), &format!("{path}.model_info"))
+        .parse(
+            Value::Object(info_map.clone()),
+            &format!("{path}.model_info"),
+        )
         .unwrap_or_default();
 
     if let Some(envs) = &info.supported_environments {
@@ -739,7 +785,10 @@ fn build_deployments(
     };
     let (provider, upstream_model) = if model == "*" {
         // `model: "*"`: the provider is inferred per request from the requested name.
-        (ProviderKind::from_prefix("openai").expect("known"), "*".to_string())
+        (
+            ProviderKind::from_prefix("openai").expect("known"),
+            "*".to_string(),
+        )
     } else {
         match split_model(&model) {
             Some(split) => split,
@@ -774,7 +823,9 @@ fn build_deployments(
         .map(|b| b.trim_end_matches('/').to_string())
         .or_else(|| provider.default_api_base());
     if let Some(base) = &api_base {
-        if !(base.starts_with("http://") || base.starts_with("https://") || base.starts_with("unix:"))
+        if !(base.starts_with("http://")
+            || base.starts_with("https://")
+            || base.starts_with("unix:"))
         {
             loader.problem(
                 format!("{params_path}.api_base"),
@@ -877,7 +928,10 @@ fn check_fallback_targets(
         if !known(&target.target) {
             loader.problem(
                 format!("router_settings.model_group_alias.{alias}"),
-                format!("a model_name from model_list; \"{}\" is not one", target.target),
+                format!(
+                    "a model_name from model_list; \"{}\" is not one",
+                    target.target
+                ),
             );
         }
     }

@@ -57,7 +57,10 @@ general_settings:
     assert_eq!(c.router.allowed_fails, 3);
     assert_eq!(c.router.cooldown_time, Duration::from_secs(5));
     assert_eq!(c.router.timeout, Duration::from_secs(30));
-    assert_eq!(c.router.fallbacks, vec![("gpt-4o".into(), vec!["gpt-4o".into()])]);
+    assert_eq!(
+        c.router.fallbacks,
+        vec![("gpt-4o".into(), vec!["gpt-4o".into()])]
+    );
     assert!(c.model_group_alias["secret"].hidden);
     assert_eq!(c.general.master_key.as_deref(), Some("sk-master"));
     let table = routing_table(&c);
@@ -138,7 +141,11 @@ guardrails: []
         "general_settings.alerting",
         "model_list[0].litellm_params.mock_response",
     ] {
-        assert!(c.ignored_keys.iter().any(|i| i == k), "{k}: {:?}", c.ignored_keys);
+        assert!(
+            c.ignored_keys.iter().any(|i| i == k),
+            "{k}: {:?}",
+            c.ignored_keys
+        );
     }
 }
 
@@ -162,7 +169,10 @@ model_list:
     assert_eq!(w.upstream_model_for("openai/gpt-4o"), "gpt-4o");
     assert_eq!(w.wildcard_capture("groq/x"), None);
     assert_eq!(c.deployments[1].upstream_model_for("team-a/o3"), "o3");
-    let orgs: Vec<_> = c.deployments[2..].iter().map(|d| d.organization.clone()).collect();
+    let orgs: Vec<_> = c.deployments[2..]
+        .iter()
+        .map(|d| d.organization.clone())
+        .collect();
     assert_eq!(orgs, vec![Some("org-1".into()), Some("org-2".into())]);
     assert_ne!(c.deployments[2].id, c.deployments[3].id);
 }
@@ -184,7 +194,11 @@ model_list:
     )
     .unwrap();
     std::env::remove_var("LITELLM_ENVIRONMENT");
-    let names: Vec<_> = c.deployments.iter().map(|d| d.model_name.as_str()).collect();
+    let names: Vec<_> = c
+        .deployments
+        .iter()
+        .map(|d| d.model_name.as_str())
+        .collect();
     assert_eq!(names, vec!["staging"]);
 }
 

@@ -126,14 +126,26 @@ mod tests {
 
     #[test]
     fn reads_keys_in_litellm_order() {
-        assert_eq!(extract_key(headers(&[("authorization", "Bearer sk-1")]), None), Some("sk-1"));
-        assert_eq!(extract_key(headers(&[("x-api-key", "sk-2")]), None), Some("sk-2"));
+        assert_eq!(
+            extract_key(headers(&[("authorization", "Bearer sk-1")]), None),
+            Some("sk-1")
+        );
+        assert_eq!(
+            extract_key(headers(&[("x-api-key", "sk-2")]), None),
+            Some("sk-2")
+        );
         assert_eq!(
             extract_key(headers(&[("x-api-key", "sk-2"), ("api-key", "sk-3")]), None),
             Some("sk-3")
         );
-        assert_eq!(extract_key(headers(&[("x-litellm-api-key", "sk-4")]), None), Some("sk-4"));
-        assert_eq!(extract_key(headers(&[("my-key", "sk-5")]), Some("my-key")), Some("sk-5"));
+        assert_eq!(
+            extract_key(headers(&[("x-litellm-api-key", "sk-4")]), None),
+            Some("sk-4")
+        );
+        assert_eq!(
+            extract_key(headers(&[("my-key", "sk-5")]), Some("my-key")),
+            Some("sk-5")
+        );
         assert_eq!(extract_key(headers(&[]), None), None);
     }
 
@@ -143,7 +155,10 @@ mod tests {
         assert!(open.authenticate(None).unwrap().admin);
         let gated = MasterKeyAuth::new(Some("sk-master".into()));
         assert!(gated.authenticate(Some("sk-master")).is_ok());
-        assert_eq!(gated.authenticate(Some("sk-other")).unwrap_err().status, 401);
+        assert_eq!(
+            gated.authenticate(Some("sk-other")).unwrap_err().status,
+            401
+        );
         let e = gated.authenticate(None).unwrap_err();
         assert_eq!(e.status, 401);
         assert!(!e.message.contains("sk-other"));

@@ -194,7 +194,8 @@ mod tests {
 
     #[test]
     fn keeps_fields_raw_and_rewrites_model() {
-        let src = br#"{"messages":[{"role":"user","content":"h\u00e9"}],"model":"a","stream":true}"#;
+        let src =
+            br#"{"messages":[{"role":"user","content":"h\u00e9"}],"model":"a","stream":true}"#;
         let mut b = RequestBody::parse(src).unwrap();
         assert_eq!(b.str_field("model").unwrap().unwrap(), "a");
         assert_eq!(b.bool_field("stream").unwrap(), Some(true));

@@ -31,7 +31,12 @@ impl FailureKind {
     pub fn counts_for_cooldown(&self) -> bool {
         matches!(
             self,
-            Self::RateLimit | Self::Auth | Self::NotFound | Self::Timeout | Self::Server | Self::Connect
+            Self::RateLimit
+                | Self::Auth
+                | Self::NotFound
+                | Self::Timeout
+                | Self::Server
+                | Self::Connect
         )
     }
 
@@ -39,7 +44,9 @@ impl FailureKind {
         match self {
             Self::RateLimit => ErrorClass::RateLimit,
             Self::ContentPolicy => ErrorClass::ContentPolicyViolation,
-            Self::ContextWindowExceeded | Self::BadRequest | Self::NotFound => ErrorClass::BadRequest,
+            Self::ContextWindowExceeded | Self::BadRequest | Self::NotFound => {
+                ErrorClass::BadRequest
+            }
             Self::Auth => ErrorClass::Authentication,
             Self::Timeout => ErrorClass::Timeout,
             Self::Server | Self::Connect => ErrorClass::InternalServer,

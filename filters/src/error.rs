@@ -95,6 +95,9 @@ mod tests {
         assert_eq!(v["error"]["code"], "400");
         assert_eq!(v["error"]["type"], "bad_request_error");
         assert_eq!(v["error"]["param"], "model");
-        assert!(v["error"]["message"].as_str().unwrap().contains("model=nope"));
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model=nope"));
     }
 }

@@ -17,7 +17,9 @@ pub enum Route {
     Health,
     Metrics,
     /// `/vllm/{rest}`: `rest` keeps its leading `/` and the query string.
-    VllmPassthrough { rest: String },
+    VllmPassthrough {
+        rest: String,
+    },
     NotFound,
 }
 
@@ -108,7 +110,10 @@ mod tests {
             }
         );
         assert_eq!(
-            classify("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2024-02-01"),
+            classify(
+                "POST",
+                "/openai/deployments/gpt-4o/chat/completions?api-version=2024-02-01"
+            ),
             Route::Inference {
                 op: Operation::ChatCompletions,
                 path_model: Some("gpt-4o".into())

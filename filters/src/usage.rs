@@ -181,7 +181,8 @@ data: [DONE]\n\n";
 
     #[test]
     fn usage_from_whole_body() {
-        let body = br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let body =
+            br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
         assert_eq!(usage_from_body(body).unwrap().total_tokens, 7);
         assert_eq!(usage_from_body(b"{}"), None);
     }

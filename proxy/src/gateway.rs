@@ -159,7 +159,13 @@ impl Gateway {
         }
     }
 
-    async fn reply(&self, session: &mut Session, ctx: &mut Ctx, status: u16, body: impl Into<Bytes>) {
+    async fn reply(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        body: impl Into<Bytes>,
+    ) {
         ctx.status = status;
         respond::send_json(session, status, &ctx.call_id, body, &[]).await;
     }
@@ -191,9 +197,10 @@ pub async fn read_body(session: &mut Session, cap: usize) -> Result<Bytes, ApiEr
     let mut buf = BytesMut::new();
     let mut only: Option<Bytes> = None;
     loop {
-        let chunk = session.read_request_body().await.map_err(|e| {
-            ApiError::bad_request(format!("Could not read the request body: {e}"))
-        })?;
+        let chunk = session
+            .read_request_body()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))?;
         let Some(chunk) = chunk else { break };
         if only.is_none() && buf.is_empty() {
             only = Some(chunk);
@@ -252,7 +259,10 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         // Every route is answered in request_filter; reaching here is a bug.
-        Error::e_explain(ErrorType::InternalError, "no route proxies through upstream_peer")
+        Error::e_explain(
+            ErrorType::InternalError,
+            "no route proxies through upstream_peer",
+        )
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {

@@ -65,13 +65,23 @@ impl Failure {
             (FailureKind::ContextWindowExceeded, _) => {
                 (400, "bad_request_error", "ContextWindowExceededError")
             }
-            (FailureKind::ContentPolicy, _) => (400, "bad_request_error", "ContentPolicyViolationError"),
+            (FailureKind::ContentPolicy, _) => {
+                (400, "bad_request_error", "ContentPolicyViolationError")
+            }
             (FailureKind::RateLimit, s) => (s.unwrap_or(429), "rate_limit_error", "RateLimitError"),
             (FailureKind::Auth, s) => (s.unwrap_or(401), "auth_error", "AuthenticationError"),
             (FailureKind::NotFound, _) => (404, "not_found_error", "NotFoundError"),
-            (FailureKind::BadRequest, s) => (s.unwrap_or(400), "bad_request_error", "BadRequestError"),
-            (FailureKind::Server, Some(503)) => (503, "service_unavailable", "ServiceUnavailableError"),
-            (FailureKind::Server, s) => (s.unwrap_or(500), "internal_server_error", "InternalServerError"),
+            (FailureKind::BadRequest, s) => {
+                (s.unwrap_or(400), "bad_request_error", "BadRequestError")
+            }
+            (FailureKind::Server, Some(503)) => {
+                (503, "service_unavailable", "ServiceUnavailableError")
+            }
+            (FailureKind::Server, s) => (
+                s.unwrap_or(500),
+                "internal_server_error",
+                "InternalServerError",
+            ),
         };
         let message = if self.no_deployment {
             self.message
@@ -106,7 +116,8 @@ fn redact_secrets(message: &str, d: &Deployment) -> String {
     // Key-like tokens (`sk-...`) are shortened to their last four characters.
     out.split_inclusive(|c: char| c.is_whitespace() || c == '"' || c == '\'')
         .map(|tok| {
-            let trimmed = tok.trim_end_matches(|c: char| c.is_whitespace() || c == '"' || c == '\'');
+            let trimmed =
+                tok.trim_end_matches(|c: char| c.is_whitespace() || c == '"' || c == '\'');
             if trimmed.starts_with("sk-") && trimmed.len() > 12 {
                 let tail = &trimmed[trimmed.len() - 4..];
                 tok.replacen(trimmed, &format!("sk-...{tail}"), 1)
@@ -119,12 +130,14 @@ fn redact_secrets(message: &str, d: &Deployment) -> String {
 
 /// The upstream error's message: `error.message` of an OpenAI-shaped body, else the text.
 fn upstream_message(body: &[u8]) -> String {
-    let from_json = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| {
-        v.pointer("/error/message")
-            .or_else(|| v.get("message"))
-            .or_else(|| v.get("detail"))
-            .and_then(|m| m.as_str().map(str::to_string))
-    });
+    let from_json = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.get("message"))
+                .or_else(|| v.get("detail"))
+                .and_then(|m| m.as_str().map(str::to_string))
+        });
     from_json.unwrap_or_else(|| {
         let text = String::from_utf8_lossy(body);
         text.chars().take(500).collect()
@@ -164,18 +177,26 @@ fn plan<'a>(d: &'a DeploymentState, requested: &str) -> Result<Plan<'a>, ApiErro
             .with_param("model")
         })?;
         let mut concrete = c.clone();
-        concrete.api_base = c.api_base.clone().filter(|_| provider == c.provider).or_else(|| provider.default_api_base());
-        concrete.api_key = c.api_key.clone().filter(|_| provider == c.provider).or_else(|| provider.default_api_key());
+        concrete.api_base = c
+            .api_base
+            .clone()
+            .filter(|_| provider == c.provider)
+            .or_else(|| provider.default_api_base());
+        concrete.api_key = c
+            .api_key
+            .clone()
+            .filter(|_| provider == c.provider)
+            .or_else(|| provider.default_api_key());
         concrete.provider = provider;
         concrete.upstream_model = model.clone();
         let target = match &concrete.api_base {
-            Some(b) => Target::parse(b).map_err(|e| ApiError::new(500, "internal_server_error", e))?,
-            None => {
-                return Err(ApiError::bad_request(format!(
-                    "No api_base known for provider {}; configure a deployment for model={requested}",
-                    concrete.provider
-                )))
+            Some(b) => {
+                Target::parse(b).map_err(|e| ApiError::new(500, "internal_server_error", e))?
             }
+            None => return Err(ApiError::bad_request(format!(
+                "No api_base known for provider {}; configure a deployment for model={requested}",
+                concrete.provider
+            ))),
         };
         return Ok(Plan {
             provider: Provider::for_deployment(&concrete)?,
@@ -185,10 +206,13 @@ fn plan<'a>(d: &'a DeploymentState, requested: &str) -> Result<Plan<'a>, ApiErro
         });
     }
     let provider = d.provider.clone()?;
-    let target = d
-        .target
-        .clone()
-        .map_err(|e| ApiError::new(500, "internal_server_error", format!("deployment {} is misconfigured: {e}", c.id)))?;
+    let target = d.target.clone().map_err(|e| {
+        ApiError::new(
+            500,
+            "internal_server_error",
+            format!("deployment {} is misconfigured: {e}", c.id),
+        )
+    })?;
     Ok(Plan {
         provider,
         target,
@@ -219,10 +243,10 @@ pub async fn handle(
     ctx.requested_model = Some(model.clone());
     let required = op.required_field();
     if !body.contains(required) {
-        return Err(ApiError::bad_request(format!(
-            "Missing required parameter: '{required}'"
-        ))
-        .with_param(required));
+        return Err(
+            ApiError::bad_request(format!("Missing required parameter: '{required}'"))
+                .with_param(required),
+        );
     }
     let stream = op != Operation::Embeddings && body.bool_field("stream")?.unwrap_or(false);
     if !principal.may_use(&model) {
@@ -260,7 +284,19 @@ pub async fn handle(
     let mut fallbacks: Option<Vec<String>> = None;
     let mut next_fallback = 0usize;
     loop {
-        match try_group(app, session, ctx, &current, &current_name, op, &body, stream, &mut attempts).await {
+        match try_group(
+            app,
+            session,
+            ctx,
+            &current,
+            &current_name,
+            op,
+            &body,
+            stream,
+            &mut attempts,
+        )
+        .await
+        {
             Outcome::Served => {
                 if attempts.fallbacks > 0 {
                     app.metrics
@@ -373,7 +409,10 @@ async fn try_group(
             }
         };
         tried.push(picked.index);
-        let result = attempt(app, session, ctx, &picked, requested, op, body, stream, attempts).await;
+        let result = attempt(
+            app, session, ctx, &picked, requested, op, body, stream, attempts,
+        )
+        .await;
         let failure = match result {
             Outcome::Failed(f) => f,
             other => return other,
@@ -394,10 +433,9 @@ async fn try_group(
         let wait = if others_left {
             app.router.settings.retry_after
         } else {
-            app.router
-                .settings
-                .retry_after
-                .max(Duration::from_secs(failure.retry_after.unwrap_or(0).min(10)))
+            app.router.settings.retry_after.max(Duration::from_secs(
+                failure.retry_after.unwrap_or(0).min(10),
+            ))
         };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
@@ -410,7 +448,9 @@ async fn try_group(
 fn record_failure(app: &App, d: &DeploymentState, f: &Failure) {
     let c = &d.config;
     let base = c.api_base.as_deref().unwrap_or("");
-    let status = f.status.map_or_else(|| "None".to_string(), |s| s.to_string());
+    let status = f
+        .status
+        .map_or_else(|| "None".to_string(), |s| s.to_string());
     app.metrics
         .deployment_failure
         .with_label_values(&[&c.upstream_model, &c.id, base, c.provider.name(), &status])
@@ -456,7 +496,13 @@ async fn attempt(
         Err(e) => return fixed(e),
     };
     let mut upstream_body = body.clone();
-    let req = match plan.provider.build_request(op, &mut upstream_body, &plan.deployment, &plan.upstream_model, stream) {
+    let req = match plan.provider.build_request(
+        op,
+        &mut upstream_body,
+        &plan.deployment,
+        &plan.upstream_model,
+        stream,
+    ) {
         Ok(r) => r,
         Err(e) => return fixed(e),
     };
@@ -475,9 +521,20 @@ async fn attempt(
         timeout,
     };
     let c = &d.config;
-    let base_labels = [c.upstream_model.as_str(), c.id.as_str(), c.api_base.as_deref().unwrap_or(""), c.provider.name()];
-    app.metrics.deployment_total.with_label_values(&base_labels).inc();
-    app.metrics.requests_legacy.with_label_values(&[&c.model_name]).inc();
+    let base_labels = [
+        c.upstream_model.as_str(),
+        c.id.as_str(),
+        c.api_base.as_deref().unwrap_or(""),
+        c.provider.name(),
+    ];
+    app.metrics
+        .deployment_total
+        .with_label_values(&base_labels)
+        .inc();
+    app.metrics
+        .requests_legacy
+        .with_label_values(&[&c.model_name])
+        .inc();
 
     let sent = Instant::now();
     let response = tokio::select! {
@@ -485,24 +542,28 @@ async fn attempt(
         _ = client_gone(session) => return Outcome::ClientGone,
     };
     ctx.upstream_wait += sent.elapsed();
-    let failure = |kind: FailureKind, status: Option<u16>, message: String, retry_after: Option<u64>| {
-        Outcome::Failed(Failure {
-            kind,
-            status,
-            message: redact_secrets(&message, &plan.deployment),
-            retry_after,
-            provider: plan.deployment.provider.to_string(),
-            no_deployment: false,
-            fixed: None,
-        })
-    };
+    let failure =
+        |kind: FailureKind, status: Option<u16>, message: String, retry_after: Option<u64>| {
+            Outcome::Failed(Failure {
+                kind,
+                status,
+                message: redact_secrets(&message, &plan.deployment),
+                retry_after,
+                provider: plan.deployment.provider.to_string(),
+                no_deployment: false,
+                fixed: None,
+            })
+        };
     let mut resp = match response {
         Ok(r) => r,
         Err(CallError::Timeout) => {
             return failure(
                 FailureKind::Timeout,
                 None,
-                format!("Request timed out after {:.1} seconds", timeout.as_secs_f64()),
+                format!(
+                    "Request timed out after {:.1} seconds",
+                    timeout.as_secs_f64()
+                ),
                 None,
             )
         }
@@ -538,7 +599,18 @@ async fn attempt(
     extra.push(("x-litellm-model-api-base", plan.target.display_base()));
     extra.push(("x-litellm-model-group", c.model_name.clone()));
     let served = if stream && is_sse {
-        stream_response(app, session, ctx, picked, &plan, resp, req.injected_stream_usage, sent, extra).await
+        stream_response(
+            app,
+            session,
+            ctx,
+            picked,
+            &plan,
+            resp,
+            req.injected_stream_usage,
+            sent,
+            extra,
+        )
+        .await
     } else {
         whole_response(app, session, ctx, picked, &plan, resp, sent, extra).await
     };
@@ -565,11 +637,19 @@ fn forward_client_headers(session: &Session, headers: &mut Vec<(String, String)>
 
 /// The client's response header: the upstream's own headers (hop-by-hop ones dropped) re-sent
 /// as `llm_provider-*`, plus Sluice's.
-fn client_header(ctx: &Ctx, upstream: &ResponseHeader, extra: &[(&'static str, String)], content_type: Option<&str>) -> ResponseHeader {
+fn client_header(
+    ctx: &Ctx,
+    upstream: &ResponseHeader,
+    extra: &[(&'static str, String)],
+    content_type: Option<&str>,
+) -> ResponseHeader {
     let (total_ms, overhead_ms) = ctx.durations_ms();
     let mut h = respond::header(upstream.status.as_u16(), &ctx.call_id, extra);
     let _ = h.insert_header("x-litellm-response-duration-ms", format!("{total_ms:.3}"));
-    let _ = h.insert_header("x-litellm-overhead-duration-ms", format!("{overhead_ms:.3}"));
+    let _ = h.insert_header(
+        "x-litellm-overhead-duration-ms",
+        format!("{overhead_ms:.3}"),
+    );
     for (name, value) in upstream.headers.iter() {
         let n = name.as_str();
         if respond::is_hop_header(n) || n == "content-type" || n == "date" || n == "server" {
@@ -591,26 +671,53 @@ fn client_header(ctx: &Ctx, upstream: &ResponseHeader, extra: &[(&'static str, S
     h
 }
 
-fn record_success(app: &App, picked: &Picked, total: Duration, ttft: Option<Duration>, usage: Option<Usage>, model: &str) {
+fn record_success(
+    app: &App,
+    picked: &Picked,
+    total: Duration,
+    ttft: Option<Duration>,
+    usage: Option<Usage>,
+    model: &str,
+) {
     let d = &picked.deployment;
     let c = &d.config;
-    let tokens = usage.map_or(0, |u| u.total_tokens.max(u.prompt_tokens + u.completion_tokens));
+    let tokens = usage.map_or(0, |u| {
+        u.total_tokens.max(u.prompt_tokens + u.completion_tokens)
+    });
     app.router.observe_success(d, total, ttft, tokens);
     let m = &app.metrics;
     m.deployment_success
-        .with_label_values(&[&c.upstream_model, &c.id, c.api_base.as_deref().unwrap_or(""), c.provider.name()])
+        .with_label_values(&[
+            &c.upstream_model,
+            &c.id,
+            c.api_base.as_deref().unwrap_or(""),
+            c.provider.name(),
+        ])
         .inc();
-    m.llm_api_latency.with_label_values(&[model]).observe(total.as_secs_f64());
+    m.llm_api_latency
+        .with_label_values(&[model])
+        .observe(total.as_secs_f64());
     if let Some(t) = ttft {
-        m.time_to_first_token.with_label_values(&[model]).observe(t.as_secs_f64());
+        m.time_to_first_token
+            .with_label_values(&[model])
+            .observe(t.as_secs_f64());
     }
     if let Some(u) = usage {
         m.total_tokens.with_label_values(&[model]).inc_by(tokens);
-        m.input_tokens.with_label_values(&[model]).inc_by(u.prompt_tokens);
-        m.output_tokens.with_label_values(&[model]).inc_by(u.completion_tokens);
+        m.input_tokens
+            .with_label_values(&[model])
+            .inc_by(u.prompt_tokens);
+        m.output_tokens
+            .with_label_values(&[model])
+            .inc_by(u.completion_tokens);
         if u.completion_tokens > 0 {
             m.latency_per_output_token
-                .with_label_values(&[&c.upstream_model, &c.id, c.api_base.as_deref().unwrap_or(""), c.provider.name()])
+                .with_label_values(&[
+                    &c.upstream_model,
+                    &c.id,
+                    c.api_base.as_deref().unwrap_or(""),
+                    c.provider.name(),
+                ])
                 .observe(total.as_secs_f64() / u.completion_tokens as f64);
         }
     }
@@ -628,13 +735,23 @@ async fn whole_response(
     extra: Vec<(&'static str, String)>,
 ) -> Result<Outcome, CallError> {
     let read_start = Instant::now();
-    let body = app.upstream.read_all(&mut resp, app.max_response_bytes).await?;
+    let body = app
+        .upstream
+        .read_all(&mut resp, app.max_response_bytes)
+        .await?;
     ctx.upstream_wait += read_start.elapsed();
     let total = sent.elapsed();
     let upstream_header = resp.header.clone();
     app.upstream.release(resp).await;
     let usage = plan.provider.response_usage(&body);
-    record_success(app, picked, total, None, usage, &picked.deployment.config.model_name);
+    record_success(
+        app,
+        picked,
+        total,
+        None,
+        usage,
+        &picked.deployment.config.model_name,
+    );
     let h = client_header(ctx, &upstream_header, &extra, None);
     ctx.status = upstream_header.status.as_u16();
     if !respond::send(session, h, body).await {
@@ -661,7 +778,11 @@ async fn stream_response(
         let _ = h.insert_header("transfer-encoding", "chunked");
     }
     ctx.status = resp.header.status.as_u16();
-    if session.write_response_header(Box::new(h), false).await.is_err() {
+    if session
+        .write_response_header(Box::new(h), false)
+        .await
+        .is_err()
+    {
         return Ok(Outcome::ClientGone);
     }
     let mut decoder = plan.provider.stream_decoder(injected_usage);
@@ -701,15 +822,28 @@ async fn stream_response(
                 let _ = session.write_response_body(tail, true).await;
                 let total = sent.elapsed();
                 app.upstream.release(resp).await;
-                record_success(app, picked, total, ttft, decoder.usage(), &picked.deployment.config.model_name);
+                record_success(
+                    app,
+                    picked,
+                    total,
+                    ttft,
+                    decoder.usage(),
+                    &picked.deployment.config.model_name,
+                );
                 return Ok(Outcome::Served);
             }
             Err(e) => {
                 // Bytes already reached the client: nothing can be retried. Tell it in-band.
                 tracing::warn!(call_id = %ctx.call_id, deployment = picked.deployment.id(), error = %e, "upstream stream broke off");
-                let err = ApiError::new(502, "internal_server_error", format!("litellm.APIConnectionError: upstream stream ended early: {e}"));
+                let err = ApiError::new(
+                    502,
+                    "internal_server_error",
+                    format!("litellm.APIConnectionError: upstream stream ended early: {e}"),
+                );
                 let event = format!("data: {}\n\n", String::from_utf8_lossy(&err.body()));
-                let _ = session.write_response_body(Some(Bytes::from(event)), true).await;
+                let _ = session
+                    .write_response_body(Some(Bytes::from(event)), true)
+                    .await;
                 record_failure(
                     app,
                     &picked.deployment,
@@ -741,7 +875,10 @@ mod tests {
         )
         .unwrap();
         let d = &c.deployments[0];
-        let m = redact_secrets("Incorrect API key provided: sk-supersecretvalue. Also sk-anotherlongkey123", d);
+        let m = redact_secrets(
+            "Incorrect API key provided: sk-supersecretvalue. Also sk-anotherlongkey123",
+            d,
+        );
         assert!(!m.contains("supersecret"), "{m}");
         assert!(!m.contains("anotherlong"), "{m}");
         assert!(m.contains("sk-...y123"), "{m}");

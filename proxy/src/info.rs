@@ -38,11 +38,34 @@ pub fn models(app: &App, p: &Principal) -> Bytes {
 fn public_params(d: &DeploymentState) -> Value {
     let c = &d.config;
     let mut m = Map::new();
-    m.insert("model".into(), json!(format!("{}/{}", c.provider, c.upstream_model)));
+    m.insert(
+        "model".into(),
+        json!(format!("{}/{}", c.provider, c.upstream_model)),
+    );
     if let Some(b) = &c.api_base {
         m.insert("api_base".into(), json!(b));
     }
-    for (k, v) in [("rpm", c.rpm.map(|v| json!(v))), ("tpm", c.tpm.map(|v| json!(v))), ("weight", c.weight.map(|v| json!(v))), ("order", c.order.map(|v| json!(v))), ("api_version", c.api_version.as_ref().map(|v| json!(v))), ("timeout", c.timeout.map(|v| json!(v.as_secs_f64()))), ("stream_timeout", c.stream_timeout.map(|v| json!(v.as_secs_f64()))), ("max_retries", c.max_retries.map(|v| json!(v))), ("input_cost_per_token", c.input_cost_per_token.map(|v| json!(v))), ("output_cost_per_token", c.output_cost_per_token.map(|v| json!(v)))] {
+    for (k, v) in [
+        ("rpm", c.rpm.map(|v| json!(v))),
+        ("tpm", c.tpm.map(|v| json!(v))),
+        ("weight", c.weight.map(|v| json!(v))),
+        ("order", c.order.map(|v| json!(v))),
+        ("api_version", c.api_version.as_ref().map(|v| json!(v))),
+        ("timeout", c.timeout.map(|v| json!(v.as_secs_f64()))),
+        (
+            "stream_timeout",
+            c.stream_timeout.map(|v| json!(v.as_secs_f64())),
+        ),
+        ("max_retries", c.max_retries.map(|v| json!(v))),
+        (
+            "input_cost_per_token",
+            c.input_cost_per_token.map(|v| json!(v)),
+        ),
+        (
+            "output_cost_per_token",
+            c.output_cost_per_token.map(|v| json!(v)),
+        ),
+    ] {
         if let Some(v) = v {
             m.insert(k.into(), v);
         }
@@ -62,11 +85,16 @@ fn info_of(d: &DeploymentState) -> Value {
     info.insert("id".into(), json!(c.id));
     info.insert("mode".into(), json!(c.mode()));
     info.insert("litellm_provider".into(), json!(c.provider.name()));
-    info.entry("input_cost_per_token").or_insert(json!(c.input_cost_per_token));
-    info.entry("output_cost_per_token").or_insert(json!(c.output_cost_per_token));
-    info.entry("max_input_tokens").or_insert(json!(c.model_info.max_input_tokens));
-    info.entry("max_output_tokens").or_insert(json!(c.model_info.max_output_tokens));
-    info.entry("max_tokens").or_insert(json!(c.model_info.max_tokens));
+    info.entry("input_cost_per_token")
+        .or_insert(json!(c.input_cost_per_token));
+    info.entry("output_cost_per_token")
+        .or_insert(json!(c.output_cost_per_token));
+    info.entry("max_input_tokens")
+        .or_insert(json!(c.model_info.max_input_tokens));
+    info.entry("max_output_tokens")
+        .or_insert(json!(c.model_info.max_output_tokens));
+    info.entry("max_tokens")
+        .or_insert(json!(c.model_info.max_tokens));
     info.remove("supported_environments");
     Value::Object(info)
 }
@@ -169,12 +197,21 @@ async fn check_one(app: &App, d: &DeploymentState) -> Result<(), String> {
         .model_info
         .health_check_model
         .clone()
-        .map(|m| m.split_once('/').map_or(m.clone(), |(_, rest)| rest.to_string()))
+        .map(|m| {
+            m.split_once('/')
+                .map_or(m.clone(), |(_, rest)| rest.to_string())
+        })
         .unwrap_or_else(|| c.upstream_model.clone());
     let (path, body) = match c.mode() {
         "embedding" => ("/embeddings", json!({"model": model, "input": "ping"})),
-        "completion" => ("/completions", json!({"model": model, "prompt": "ping", "max_tokens": 1})),
-        _ => ("/chat/completions", json!({"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1})),
+        "completion" => (
+            "/completions",
+            json!({"model": model, "prompt": "ping", "max_tokens": 1}),
+        ),
+        _ => (
+            "/chat/completions",
+            json!({"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}),
+        ),
     };
     let mut headers = vec![];
     if let Some(k) = &c.api_key {
@@ -182,7 +219,10 @@ async fn check_one(app: &App, d: &DeploymentState) -> Result<(), String> {
     }
     headers.extend(c.extra_headers.iter().cloned());
     let path = format!("{}{}", target.path_prefix, path);
-    let timeout = c.model_info.health_check_timeout.unwrap_or(Duration::from_secs(60));
+    let timeout = c
+        .model_info
+        .health_check_timeout
+        .unwrap_or(Duration::from_secs(60));
     let call = Call {
         target: &target,
         method: "POST",

@@ -36,7 +36,9 @@ fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("LITELLM_LOG"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -83,7 +85,11 @@ fn main() {
     tracing::info!(
         deployments = config.deployments.len(),
         strategy = config.router.routing_strategy.as_str(),
-        auth = if config.general.master_key.is_some() { "master_key" } else { "open" },
+        auth = if config.general.master_key.is_some() {
+            "master_key"
+        } else {
+            "open"
+        },
         "config loaded from {}",
         config.source.display()
     );

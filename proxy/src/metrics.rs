@@ -41,12 +41,16 @@ impl Metrics {
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(format!("{name}_total"), help), labels)
                 .expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
@@ -56,7 +60,9 @@ impl Metrics {
                 labels,
             )
             .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let dep_fail: Vec<&str> = DEPLOYMENT_LABELS
@@ -73,7 +79,13 @@ impl Metrics {
             proxy_failed_requests: counter(
                 "litellm_proxy_failed_requests_metric",
                 "Failed responses from the proxy",
-                &["requested_model", "route", "status_code", "exception_status", "exception_class"],
+                &[
+                    "requested_model",
+                    "route",
+                    "status_code",
+                    "exception_status",
+                    "exception_class",
+                ],
             ),
             requests_legacy: counter("litellm_requests_metric", "Requests by model", &["model"]),
             llm_api_failed_legacy: counter(
@@ -109,12 +121,22 @@ impl Metrics {
             remaining_requests: gauge(
                 "litellm_remaining_requests_metric",
                 "Requests left this minute under the deployment's rpm",
-                &["model_group", "api_provider", "api_base", "litellm_model_name"],
+                &[
+                    "model_group",
+                    "api_provider",
+                    "api_base",
+                    "litellm_model_name",
+                ],
             ),
             remaining_tokens: gauge(
                 "litellm_remaining_tokens",
                 "Tokens left this minute under the deployment's tpm",
-                &["model_group", "api_provider", "api_base", "litellm_model_name"],
+                &[
+                    "model_group",
+                    "api_provider",
+                    "api_base",
+                    "litellm_model_name",
+                ],
             ),
             successful_fallbacks: counter(
                 "litellm_deployment_successful_fallbacks",
@@ -128,7 +150,11 @@ impl Metrics {
             ),
             total_tokens: counter("litellm_total_tokens_metric", "Tokens", &["model"]),
             input_tokens: counter("litellm_input_tokens_metric", "Prompt tokens", &["model"]),
-            output_tokens: counter("litellm_output_tokens_metric", "Completion tokens", &["model"]),
+            output_tokens: counter(
+                "litellm_output_tokens_metric",
+                "Completion tokens",
+                &["model"],
+            ),
             request_total_latency: histogram(
                 "litellm_request_total_latency_metric",
                 "Seconds from request arrival to the end of the response",
@@ -167,12 +193,21 @@ impl Metrics {
                 .with_label_values(&[&c.upstream_model, &c.id, base, c.provider.name()])
                 .set(i64::from(d.state_code()));
             let (rr, rt) = d.remaining();
-            let labels = [c.model_name.as_str(), c.provider.name(), base, &c.upstream_model];
+            let labels = [
+                c.model_name.as_str(),
+                c.provider.name(),
+                base,
+                &c.upstream_model,
+            ];
             if let Some(v) = rr {
-                self.remaining_requests.with_label_values(&labels).set(v as i64);
+                self.remaining_requests
+                    .with_label_values(&labels)
+                    .set(v as i64);
             }
             if let Some(v) = rt {
-                self.remaining_tokens.with_label_values(&labels).set(v as i64);
+                self.remaining_tokens
+                    .with_label_values(&labels)
+                    .set(v as i64);
             }
         }
         let mut out = vec![];

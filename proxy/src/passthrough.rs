@@ -65,7 +65,13 @@ fn client_headers(session: &Session, app: &App) -> Vec<(String, String)> {
         .collect()
 }
 
-pub async fn custom(app: &App, session: &mut Session, ctx: &mut Ctx, index: usize, sub: String) -> Result<(), ApiError> {
+pub async fn custom(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    index: usize,
+    sub: String,
+) -> Result<(), ApiError> {
     let endpoint = &app.config.general.pass_through_endpoints[index];
     let target = Target::parse(&endpoint.target)
         .map_err(|e| ApiError::new(500, "internal_server_error", e))?;
@@ -90,7 +96,13 @@ pub async fn custom(app: &App, session: &mut Session, ctx: &mut Ctx, index: usiz
     forward(app, session, ctx, &target, &method, &path, &headers, body).await
 }
 
-pub async fn vllm(app: &App, session: &mut Session, ctx: &mut Ctx, method: &str, rest: &str) -> Result<(), ApiError> {
+pub async fn vllm(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    method: &str,
+    rest: &str,
+) -> Result<(), ApiError> {
     let raw = read_body(session, app.max_request_bytes).await?;
     let mut body = raw.clone();
     let mut key: Option<String> = std::env::var("HOSTED_VLLM_API_KEY").ok();
@@ -120,7 +132,11 @@ pub async fn vllm(app: &App, session: &mut Session, ctx: &mut Ctx, method: &str,
                     d.provider
                 )));
             }
-            let t = p.deployment.target.clone().map_err(|e| ApiError::new(500, "internal_server_error", e))?;
+            let t = p
+                .deployment
+                .target
+                .clone()
+                .map_err(|e| ApiError::new(500, "internal_server_error", e))?;
             let mut b = RequestBody::parse(&raw).expect("parsed above");
             b.set_str("model", &d.upstream_model_for(model));
             body = Bytes::from(b.to_bytes());
@@ -132,8 +148,17 @@ pub async fn vllm(app: &App, session: &mut Session, ctx: &mut Ctx, method: &str,
     }
     // 2. HOSTED_VLLM_API_BASE, 3. the only hosted_vllm deployment.
     if target.is_none() {
-        if let Some(base) = std::env::var("HOSTED_VLLM_API_BASE").ok().filter(|b| !b.is_empty()) {
-            let t = Target::parse(&base).map_err(|e| ApiError::new(500, "internal_server_error", format!("HOSTED_VLLM_API_BASE: {e}")))?;
+        if let Some(base) = std::env::var("HOSTED_VLLM_API_BASE")
+            .ok()
+            .filter(|b| !b.is_empty())
+        {
+            let t = Target::parse(&base).map_err(|e| {
+                ApiError::new(
+                    500,
+                    "internal_server_error",
+                    format!("HOSTED_VLLM_API_BASE: {e}"),
+                )
+            })?;
             target = Some(root_of(&t));
         } else {
             let vllm: Vec<_> = app
@@ -199,11 +224,23 @@ async fn forward(
     };
     ctx.upstream_wait += sent.elapsed();
     let mut resp = response.map_err(|e| match e {
-        CallError::Timeout => ApiError::new(408, "timeout", "litellm.Timeout: pass-through request timed out"),
-        e => ApiError::new(502, "internal_server_error", format!("litellm.APIConnectionError: pass-through target unreachable: {e}")),
+        CallError::Timeout => ApiError::new(
+            408,
+            "timeout",
+            "litellm.Timeout: pass-through request timed out",
+        ),
+        e => ApiError::new(
+            502,
+            "internal_server_error",
+            format!("litellm.APIConnectionError: pass-through target unreachable: {e}"),
+        ),
     })?;
     let status = resp.header.status.as_u16();
-    let mut h = respond::header(status, &ctx.call_id, &[("x-litellm-model-api-base", target.display_base())]);
+    let mut h = respond::header(
+        status,
+        &ctx.call_id,
+        &[("x-litellm-model-api-base", target.display_base())],
+    );
     let mut has_length = false;
     for (name, value) in resp.header.headers.iter() {
         let n = name.as_str();
@@ -221,7 +258,11 @@ async fn forward(
     }
     ctx.status = status;
     let head_only = method.eq_ignore_ascii_case("HEAD") || status == 204 || status == 304;
-    if session.write_response_header(Box::new(h), head_only).await.is_err() {
+    if session
+        .write_response_header(Box::new(h), head_only)
+        .await
+        .is_err()
+    {
         return Ok(());
     }
     if head_only {
@@ -237,7 +278,11 @@ async fn forward(
         ctx.upstream_wait += waited.elapsed();
         match next {
             Ok(Some(chunk)) => {
-                if session.write_response_body(Some(chunk), false).await.is_err() {
+                if session
+                    .write_response_body(Some(chunk), false)
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
             }

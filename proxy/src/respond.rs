@@ -38,7 +38,11 @@ pub fn header(status: u16, call_id: &str, extra: &[(&str, String)]) -> ResponseH
 /// Sends a complete response. Returns false if the client is gone.
 pub async fn send(session: &mut Session, mut h: ResponseHeader, body: Bytes) -> bool {
     let _ = h.insert_header("content-length", body.len().to_string());
-    if session.write_response_header(Box::new(h), body.is_empty()).await.is_err() {
+    if session
+        .write_response_header(Box::new(h), body.is_empty())
+        .await
+        .is_err()
+    {
         return false;
     }
     if body.is_empty() {
@@ -59,7 +63,12 @@ pub async fn send_json(
     send(session, h, body.into()).await
 }
 
-pub async fn send_error(session: &mut Session, call_id: &str, err: &ApiError, extra: &[(&str, String)]) -> bool {
+pub async fn send_error(
+    session: &mut Session,
+    call_id: &str,
+    err: &ApiError,
+    extra: &[(&str, String)],
+) -> bool {
     let mut extra = extra.to_vec();
     if let Some(s) = err.retry_after {
         extra.push(("retry-after", s.to_string()));

@@ -137,8 +137,7 @@ impl DeploymentState {
 
     fn at_limit(&self) -> bool {
         let d = &self.config;
-        if d
-            .max_parallel_requests
+        if d.max_parallel_requests
             .is_some_and(|m| self.in_flight() >= m)
         {
             return true;
@@ -166,7 +165,10 @@ impl DeploymentState {
     }
 
     fn cost(&self) -> f64 {
-        match (self.config.input_cost_per_token, self.config.output_cost_per_token) {
+        match (
+            self.config.input_cost_per_token,
+            self.config.output_cost_per_token,
+        ) {
             (None, None) => f64::INFINITY,
             (i, o) => i.unwrap_or(0.0) + o.unwrap_or(0.0),
         }
@@ -383,7 +385,12 @@ impl Router {
 
     /// Picks a deployment for one attempt. `tried` holds indexes already used for this request;
     /// they are avoided while another healthy deployment remains.
-    pub fn select(&self, group: &Group, tried: &[usize], stream: bool) -> Result<Picked, NoDeployment> {
+    pub fn select(
+        &self,
+        group: &Group,
+        tried: &[usize],
+        stream: bool,
+    ) -> Result<Picked, NoDeployment> {
         let now = Instant::now();
         let mut soonest_cooldown: Option<Duration> = None;
         let mut healthy: Vec<usize> = Vec::with_capacity(group.deployments.len());
@@ -450,7 +457,11 @@ impl Router {
                 .copied()
                 .filter(|i| key(&deps[*i]) <= best)
                 .collect();
-            let pool = if ties.is_empty() { candidates } else { &ties[..] };
+            let pool = if ties.is_empty() {
+                candidates
+            } else {
+                &ties[..]
+            };
             pool[rand::thread_rng().gen_range(0..pool.len())]
         };
         match self.settings.routing_strategy {
@@ -479,7 +490,13 @@ impl Router {
     }
 
     /// Feeds back a successful call: latency (time to first token for streams) and tokens.
-    pub fn observe_success(&self, d: &DeploymentState, total: Duration, ttft: Option<Duration>, tokens: u64) {
+    pub fn observe_success(
+        &self,
+        d: &DeploymentState,
+        total: Duration,
+        ttft: Option<Duration>,
+        tokens: u64,
+    ) {
         {
             let mut l = d.latency.lock();
             push_sample(&mut l.total, total.as_secs_f64());
@@ -552,11 +569,7 @@ impl Router {
             FallbackKind::ContentPolicy => &s.content_policy_fallbacks,
             FallbackKind::General => &s.fallbacks,
         };
-        let find = |name: &str| {
-            list.iter()
-                .find(|(g, _)| g == name)
-                .map(|(_, t)| t.clone())
-        };
+        let find = |name: &str| list.iter().find(|(g, _)| g == name).map(|(_, t)| t.clone());
         if let Some(t) = find(group).or_else(|| find("*")) {
             return t;
         }

@@ -30,10 +30,11 @@ pub fn run(app: Arc<App>, opts: ServeOptions) -> anyhow::Result<()> {
     server.bootstrap();
     let mut server_options = HttpServerOptions::default();
     server_options.h2c = true;
-    let mut service = pingora::proxy::ProxyServiceBuilder::new(&server.configuration, Gateway::new(app))
-        .name("sluice")
-        .server_options(server_options)
-        .build();
+    let mut service =
+        pingora::proxy::ProxyServiceBuilder::new(&server.configuration, Gateway::new(app))
+            .name("sluice")
+            .server_options(server_options)
+            .build();
     let addr = if opts.host.contains(':') && !opts.host.starts_with('[') {
         format!("[{}]:{}", opts.host, opts.port)
     } else {

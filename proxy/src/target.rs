@@ -60,7 +60,10 @@ impl Target {
             // [v6]:port
             let (h, after) = h.split_once(']').ok_or(format!("{base}: bad IPv6 host"))?;
             let port = after.strip_prefix(':').map(str::parse).transpose();
-            (h.to_string(), port.map_err(|_| format!("{base}: bad port"))?)
+            (
+                h.to_string(),
+                port.map_err(|_| format!("{base}: bad port"))?,
+            )
         } else {
             match authority.rsplit_once(':') {
                 Some((h, p)) => (
@@ -151,7 +154,10 @@ mod tests {
     fn parses_bases() {
         let t = Target::parse("https://api.openai.com/v1/").unwrap();
         assert!(t.tls);
-        assert_eq!((t.host.as_str(), t.port, t.path_prefix.as_str()), ("api.openai.com", 443, "/v1"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path_prefix.as_str()),
+            ("api.openai.com", 443, "/v1")
+        );
         let t = Target::parse("http://127.0.0.1:8000/v1").unwrap();
         assert_eq!((t.port, t.authority.as_str()), (8000, "127.0.0.1:8000"));
         let t = Target::parse("unix:/run/sluice/engine.sock").unwrap();
@@ -159,7 +165,10 @@ mod tests {
         assert_eq!(t.host, "/run/sluice/engine.sock");
         assert_eq!(t.path_prefix, "/v1");
         let t = Target::parse("unix:/run/e.sock:/").unwrap();
-        assert_eq!((t.host.as_str(), t.path_prefix.as_str()), ("/run/e.sock", ""));
+        assert_eq!(
+            (t.host.as_str(), t.path_prefix.as_str()),
+            ("/run/e.sock", "")
+        );
         let t = Target::parse("http://[::1]:9/x").unwrap();
         assert_eq!((t.host.as_str(), t.port), ("::1", 9));
         assert!(Target::parse("ftp://x").is_err());

@@ -92,7 +92,8 @@ impl Upstream {
                 .map_err(|e| CallError::Connect(e.to_string()))?;
             session.set_read_timeout(Some(call.timeout));
             session.set_write_timeout(Some(call.timeout));
-            let result = tokio::time::timeout(call.timeout, exchange_header(&mut session, call)).await;
+            let result =
+                tokio::time::timeout(call.timeout, exchange_header(&mut session, call)).await;
             match result {
                 Err(_) => return Err(CallError::Timeout),
                 Ok(Ok(())) => {
@@ -138,7 +139,9 @@ impl Upstream {
         while let Some(chunk) = self.next_chunk(r).await? {
             buf.extend_from_slice(&chunk);
             if buf.len() > cap {
-                return Err(CallError::Protocol(format!("response larger than {cap} bytes")));
+                return Err(CallError::Protocol(format!(
+                    "response larger than {cap} bytes"
+                )));
             }
         }
         Ok(buf.freeze())
@@ -157,10 +160,15 @@ impl Upstream {
 }
 
 async fn exchange_header(session: &mut HttpSession, call: &Call<'_>) -> Result<(), String> {
-    let mut req = RequestHeader::build(call.method, call.path.as_bytes(), Some(call.headers.len() + 4))
-        .map_err(|e| e.to_string())?;
+    let mut req = RequestHeader::build(
+        call.method,
+        call.path.as_bytes(),
+        Some(call.headers.len() + 4),
+    )
+    .map_err(|e| e.to_string())?;
     let e = |e: Box<pingora::Error>| e.to_string();
-    req.insert_header("host", &call.target.authority).map_err(e)?;
+    req.insert_header("host", &call.target.authority)
+        .map_err(e)?;
     let has_body = !call.body.is_empty() || call.method == "POST" || call.method == "PUT";
     if has_body {
         req.insert_header("content-length", call.body.len().to_string())
@@ -170,9 +178,13 @@ async fn exchange_header(session: &mut HttpSession, call: &Call<'_>) -> Result<(
         req.append_header(k.clone(), v.as_str()).map_err(e)?;
     }
     if has_body && req.headers.get("content-type").is_none() {
-        req.insert_header("content-type", "application/json").map_err(e)?;
+        req.insert_header("content-type", "application/json")
+            .map_err(e)?;
     }
-    session.write_request_header(Box::new(req)).await.map_err(e)?;
+    session
+        .write_request_header(Box::new(req))
+        .await
+        .map_err(e)?;
     if has_body {
         session
             .write_request_body(call.body.clone(), true)

@@ -92,7 +92,9 @@ impl Provider {
         stream: bool,
     ) -> Result<UpstreamRequest, ApiError> {
         match self {
-            Provider::OpenAiCompatible => openai::build_request(op, body, d, upstream_model, stream),
+            Provider::OpenAiCompatible => {
+                openai::build_request(op, body, d, upstream_model, stream)
+            }
         }
     }
 

@@ -96,7 +96,8 @@ model_list:
     #[test]
     fn keeps_client_stream_options() {
         let d = deployment();
-        let raw = br#"{"model":"g","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#;
+        let raw =
+            br#"{"model":"g","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#;
         let mut body = RequestBody::parse(raw).unwrap();
         let req = build_request(Operation::ChatCompletions, &mut body, &d, "served", true).unwrap();
         assert!(!req.injected_stream_usage);
