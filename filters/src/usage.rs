@@ -24,9 +24,8 @@ struct WithUsage {
 
 /// Usage from a whole (non-streamed) OpenAI-shaped response body.
 pub fn usage_from_body(body: &[u8]) -> Option<Usage> {
-    if memmem::find(body, b"\"usage\"").is_none() {
-        return None;
-    }
+    // Most bodies are checked by a byte search; only those naming usage are parsed.
+    memmem::find(body, b"\"usage\"")?;
     serde_json::from_slice::<WithUsage>(body).ok()?.usage
 }
 

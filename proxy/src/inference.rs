@@ -193,10 +193,12 @@ fn plan<'a>(d: &'a DeploymentState, requested: &str) -> Result<Plan<'a>, ApiErro
             Some(b) => {
                 Target::parse(b).map_err(|e| ApiError::new(500, "internal_server_error", e))?
             }
-            None => return Err(ApiError::bad_request(format!(
+            None => {
+                return Err(ApiError::bad_request(format!(
                 "No api_base known for provider {}; configure a deployment for model={requested}",
                 concrete.provider
-            ))),
+            )))
+            }
         };
         return Ok(Plan {
             provider: Provider::for_deployment(&concrete)?,

@@ -647,7 +647,9 @@ router_settings: {cooldown_time: 30}
         // rpm 2 reached: the order-2 deployment takes over.
         assert_eq!(r.select(&g, &[], false).unwrap().index, 1);
         assert!(r.observe_failure(&g.deployments[1], FailureKind::RateLimit));
-        let e = r.select(&g, &[], false).unwrap_err();
+        let Err(e) = r.select(&g, &[], false) else {
+            panic!("every deployment is at its limit or cooling down");
+        };
         assert!(e.retry_after >= 1);
     }
 
@@ -685,5 +687,125 @@ router_settings: {model_group_alias: {short: exact}}
         assert_eq!(r.resolve("dep-1").unwrap().deployments.len(), 1);
         assert_eq!(r.resolve("openai/gpt-4o").unwrap().name, "openai/*");
         assert_eq!(r.resolve("claude-3").unwrap().name, "*");
+    }
+
+    fn two(strategy: &str, extra: &str) -> Router {
+        router(&format!(
+            r#"
+model_list:
+  - {{model_name: g, litellm_params: {{model: openai/a, api_base: "http://127.0.0.1:1/v1"{extra}}}}}
+  - {{model_name: g, litellm_params: {{model: openai/b, api_base: "http://127.0.0.1:2/v1"}}}}
+  - {{model_name: other, litellm_params: {{model: openai/c, api_base: "http://127.0.0.1:3/v1"}}}}
+router_settings:
+  routing_strategy: {strategy}
+  fallbacks: [{{"*": ["other"]}}]
+  context_window_fallbacks: [{{"g": ["other"]}}]
+  default_fallbacks: ["other"]
+  retry_policy: {{RateLimitErrorRetries: 7}}
+"#
+        ))
+    }
+
+    #[test]
+    fn latency_based_prefers_the_faster_deployment() {
+        let r = two("latency-based-routing", "");
+        let g = r.resolve("g").unwrap();
+        r.observe_success(&g.deployments[0], Duration::from_millis(500), None, 0);
+        r.observe_success(&g.deployments[1], Duration::from_millis(50), None, 0);
+        for _ in 0..10 {
+            assert_eq!(r.select(&g, &[], false).unwrap().index, 1);
+        }
+        // Streams compare time to first token.
+        r.observe_success(
+            &g.deployments[0],
+            Duration::from_secs(5),
+            Some(Duration::from_millis(10)),
+            0,
+        );
+        r.observe_success(
+            &g.deployments[1],
+            Duration::from_secs(5),
+            Some(Duration::from_millis(900)),
+            0,
+        );
+        assert_eq!(r.select(&g, &[], true).unwrap().index, 0);
+    }
+
+    #[test]
+    fn usage_based_picks_lowest_tokens_this_minute_within_tpm() {
+        let r = two("usage-based-routing-v2", ", tpm: 1000");
+        let g = r.resolve("g").unwrap();
+        r.observe_success(&g.deployments[1], Duration::from_millis(1), None, 300);
+        assert_eq!(r.select(&g, &[], false).unwrap().index, 0);
+        r.observe_success(&g.deployments[0], Duration::from_millis(1), None, 1000);
+        // Deployment 0 reached its tpm: skipped although the other used tokens too.
+        for _ in 0..5 {
+            assert_eq!(r.select(&g, &[], false).unwrap().index, 1);
+        }
+    }
+
+    #[test]
+    fn cost_based_picks_the_cheapest() {
+        let r = two("cost-based-routing", ", input_cost_per_token: 0.000001");
+        let g = r.resolve("g").unwrap();
+        for _ in 0..5 {
+            assert_eq!(r.select(&g, &[], false).unwrap().index, 0);
+        }
+    }
+
+    #[test]
+    fn retries_avoid_tried_deployments_while_others_remain() {
+        let r = two("simple-shuffle", "");
+        let g = r.resolve("g").unwrap();
+        let first = r.select(&g, &[], false).unwrap().index;
+        for _ in 0..10 {
+            assert_ne!(r.select(&g, &[first], false).unwrap().index, first);
+        }
+        // All tried: a retry may go back to any healthy one.
+        assert!(r.select(&g, &[0, 1], false).is_ok());
+    }
+
+    #[test]
+    fn fallback_lists_and_retry_policy() {
+        let r = two("simple-shuffle", "");
+        assert_eq!(
+            r.fallbacks_for("g", FallbackKind::ContextWindow),
+            vec!["other"]
+        );
+        assert_eq!(
+            r.fallbacks_for("g", FallbackKind::General),
+            vec!["other"],
+            "the * entry"
+        );
+        assert_eq!(
+            r.fallbacks_for("g", FallbackKind::ContentPolicy),
+            vec!["other"],
+            "falls back to general"
+        );
+        let d = &r.resolve("g").unwrap().deployments[0].config;
+        assert_eq!(r.retries_for(FailureKind::RateLimit, d), 7);
+        assert_eq!(r.retries_for(FailureKind::Server, d), 2);
+    }
+
+    #[test]
+    fn failure_rate_rule_cools_down_only_multi_deployment_groups() {
+        let r = two("simple-shuffle", "");
+        let g = r.resolve("g").unwrap();
+        let d = &g.deployments[0];
+        for _ in 0..3 {
+            r.observe_success(d, Duration::from_millis(1), None, 0);
+        }
+        // allowed_fails is 3, and 3 failures of 6 calls is not more than 50%: tolerated.
+        assert!(!r.observe_failure(d, FailureKind::Server));
+        assert!(!r.observe_failure(d, FailureKind::Server));
+        assert!(!r.observe_failure(d, FailureKind::Server));
+        // 4 failures of 7 calls (> 50%, ≥ 5 calls) and over allowed_fails: cooldown.
+        assert!(r.observe_failure(d, FailureKind::Server));
+        assert!(d.cooling_down(Instant::now()).is_some());
+        // A plain 400 never cools a deployment down.
+        let other = &g.deployments[1];
+        for _ in 0..10 {
+            assert!(!r.observe_failure(other, FailureKind::BadRequest));
+        }
     }
 }

@@ -909,3 +909,102 @@ general_settings:
     assert_eq!(last["path"], "/health");
     assert_eq!(last["headers"]["x-client"], "c");
 }
+
+#[tokio::test]
+async fn deploy_examples_pass_check_config_with_secrets_redacted() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let env = [
+        ("OPENAI_API_KEY", "sk-openai-example-secret"),
+        ("GROQ_API_KEY", "gsk-example-secret"),
+        ("TOGETHERAI_API_KEY", "together-example-secret"),
+        ("DEEPSEEK_API_KEY", "deepseek-example-secret"),
+        ("COHERE_API_KEY", "cohere-example-secret"),
+        ("LITELLM_MASTER_KEY", "sk-master-example-secret"),
+    ];
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root.join("deploy/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        let out = sluice_tests::run_sluice(
+            &["--check-config".as_ref(), path.as_os_str()],
+            &env,
+            root,
+            Duration::from_secs(20),
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {stdout}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("config OK"));
+        assert!(!stdout.contains("example-secret"), "{stdout}");
+        seen += 1;
+    }
+    assert!(seen >= 3);
+}
+
+#[tokio::test]
+async fn unimplemented_keys_get_one_startup_warning() {
+    let mock = Mock::start("w").await;
+    let gw = Gateway::start(
+        &format!(
+            r#"
+model_list:
+  - {{model_name: m, litellm_params: {{model: openai/x, api_base: {}, mock_response: hi}}}}
+litellm_settings: {{cache: true, success_callback: ["langfuse"]}}
+guardrails: []
+"#,
+            mock.base_url()
+        ),
+        &[],
+    )
+    .await;
+    let log = gw.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not implemented"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    for key in [
+        "guardrails",
+        "litellm_settings.cache",
+        "litellm_settings.success_callback",
+        "model_list[0].litellm_params.mock_response",
+    ] {
+        assert!(
+            warnings[0].contains(key),
+            "{key} missing from {}",
+            warnings[0]
+        );
+    }
+}
+
+#[tokio::test]
+async fn json_logs_are_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(&cfg, "model_list: 7\n").unwrap();
+    let out = sluice_tests::run_sluice(
+        &["--json-logs".as_ref(), "--config".as_ref(), cfg.as_os_str()],
+        &[],
+        dir.path(),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON log line");
+    let v: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["level"], "ERROR");
+    assert!(v["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("bad.yaml"));
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, runnable on a fresh machine: installs what the build needs, checks
+# formatting and lints, builds every binary the black-box tests start, then runs all tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)   # Pingora's zlib-ng build
+command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing: ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The black-box tests start the built `sluice` and `mock-provider` binaries.
+cargo build --workspace --bins
+cargo nextest run --workspace --no-fail-fast
+# Doc tests (nextest does not run them).
+cargo test --workspace --doc
