@@ -1008,3 +1008,79 @@ async fn json_logs_are_json_lines() {
         .unwrap()
         .contains("bad.yaml"));
 }
+
+#[tokio::test]
+async fn nothing_is_retried_after_bytes_reached_the_client() {
+    let mock = Mock::start("m").await;
+    let gw = Gateway::start(
+        &format!(
+            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/drop-mid-stream, api_base: {}}}}}\nrouter_settings: {{num_retries: 3}}\n",
+            mock.base_url()
+        ),
+        &[],
+    )
+    .await;
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        &json!({"model": "m", "stream": true, "messages": []}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap_or_default();
+    let events = sse_data(&body);
+    assert!(events.iter().any(|e| e.contains("tok0")), "{body}");
+    // The break is reported in-band, as an error event.
+    assert!(events.last().unwrap().contains("\"error\""), "{body}");
+    assert_eq!(
+        calls(&mock).await,
+        1,
+        "a stream that already sent bytes is not retried"
+    );
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_a_pending_upstream_call() {
+    let mock = Mock::start("c").await;
+    let gw = Gateway::start(
+        &format!(
+            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/slow-3000, api_base: {}}}}}\n",
+            mock.base_url()
+        ),
+        &[],
+    )
+    .await;
+    let call = tokio::spawn({
+        let url = gw.url("/v1/chat/completions");
+        async move { client().post(url).json(&chat("m")).send().await }
+    });
+    mock.wait_stats(Duration::from_secs(5), |s| s["in_flight"] == 1)
+        .await;
+    call.abort();
+    let stats = mock
+        .wait_stats(Duration::from_secs(2), |s| s["cancelled_requests"] == 1)
+        .await;
+    assert_eq!(stats["in_flight"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn stream_timeout_bounds_the_wait_for_each_chunk() {
+    let mock = Mock::start("t").await;
+    let gw = Gateway::start(
+        &format!(
+            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/slow-2000, api_base: {}, timeout: 30, stream_timeout: 0.3}}}}\nrouter_settings: {{num_retries: 0}}\n",
+            mock.base_url()
+        ),
+        &[],
+    )
+    .await;
+    let started = Instant::now();
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        &json!({"model": "m", "stream": true, "messages": []}),
+    )
+    .await;
+    assert_eq!(resp.status(), 408);
+    assert!(started.elapsed() < Duration::from_millis(1500));
+}
