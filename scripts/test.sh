@@ -22,5 +22,3 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The black-box tests start the built `sluice` and `mock-provider` binaries.
 cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast
-# Doc tests (nextest does not run them).
-cargo test --workspace --doc

@@ -297,7 +297,8 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&[model])
                 .observe(overhead_ms / 1e3);
         }
-        tracing::info!(
+        // Per-request access lines stay at debug: at info they would cost a write per request.
+        tracing::debug!(
             call_id = %ctx.call_id,
             method = %session.req_header().method,
             path = %session.req_header().uri.path(),

@@ -971,8 +971,14 @@ async fn main() -> anyhow::Result<()> {
         announce(&path.display().to_string())?;
         axum::serve(listener, app).await?;
     } else {
+        use axum::serve::ListenerExt as _;
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
         announce(&listener.local_addr()?.port().to_string())?;
+        // Without TCP_NODELAY, small SSE chunks on a kept-alive connection wait ~40 ms for
+        // delayed ACKs, which would distort every streaming measurement.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app).await?;
     }
     Ok(())
