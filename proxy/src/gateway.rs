@@ -102,13 +102,9 @@ impl Gateway {
             Route::NotFound => {
                 if let Some((index, sub)) = crate::passthrough::match_custom(app, &path) {
                     ctx.route = "pass_through";
-                    let endpoint = &app.config.general.pass_through_endpoints[index];
-                    let principal = if endpoint.auth {
-                        Some(self.authenticate(session)?)
-                    } else {
-                        None
-                    };
-                    drop(principal);
+                    if app.config.general.pass_through_endpoints[index].auth {
+                        self.authenticate(session)?;
+                    }
                     return crate::passthrough::custom(app, session, ctx, index, sub).await;
                 }
                 ctx.route = "unknown";
@@ -194,27 +190,34 @@ pub async fn read_body(session: &mut Session, cap: usize) -> Result<Bytes, ApiEr
             return Err(ApiError::body_too_large(cap));
         }
     }
-    let mut buf = BytesMut::new();
-    let mut only: Option<Bytes> = None;
-    loop {
-        let chunk = session
-            .read_request_body()
-            .await
-            .map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))?;
-        let Some(chunk) = chunk else { break };
-        if only.is_none() && buf.is_empty() {
-            only = Some(chunk);
-        } else {
-            if let Some(first) = only.take() {
-                buf.extend_from_slice(&first);
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        if only.as_ref().map_or(0, Bytes::len) + buf.len() > cap {
+    // A body that arrives in one chunk is used as is; only multi-chunk bodies are copied.
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    let mut total = 0usize;
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))?
+    {
+        total += chunk.len();
+        if total > cap {
             return Err(ApiError::body_too_large(cap));
         }
+        match &first {
+            None => first = Some(chunk),
+            Some(f) => {
+                if rest.is_empty() {
+                    rest.extend_from_slice(f);
+                }
+                rest.extend_from_slice(&chunk);
+            }
+        }
     }
-    Ok(only.unwrap_or_else(|| buf.freeze()))
+    Ok(if rest.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        rest.freeze()
+    })
 }
 
 /// Resolves when the client has gone away (connection closed or stream reset).

@@ -158,6 +158,18 @@ impl Mock {
         Self::spawn(name, &["--port", "0"], None).await
     }
 
+    /// Starts an HTTPS mock on a free 127.0.0.1 port with a PEM certificate and key. Its
+    /// control endpoints are HTTPS too, so the `stats` helpers do not apply to it.
+    pub async fn start_tls(name: &str, cert: &Path, key: &Path) -> Mock {
+        let (cert, key) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+        Self::spawn(
+            name,
+            &["--port", "0", "--tls-cert", cert, "--tls-key", key],
+            None,
+        )
+        .await
+    }
+
     /// Starts a mock listening on the unix socket `path` (replaced if it exists).
     pub async fn start_unix(name: &str, path: impl AsRef<Path>) -> Mock {
         let path = path.as_ref().to_path_buf();

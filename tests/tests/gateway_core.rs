@@ -1084,3 +1084,40 @@ async fn stream_timeout_bounds_the_wait_for_each_chunk() {
     assert_eq!(resp.status(), 408);
     assert!(started.elapsed() < Duration::from_millis(1500));
 }
+
+#[tokio::test]
+async fn tls_upstream_is_verified_against_trusted_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let mock = Mock::start_tls("tls", &cert_path, &key_path).await;
+    let config = format!(
+        "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/x, api_base: \"https://127.0.0.1:{}/v1\"}}}}\nrouter_settings: {{num_retries: 0}}\n",
+        mock.port
+    );
+    // Trusted through SSL_CERT_FILE: the call succeeds over TLS.
+    let gw = Gateway::start(&config, &[("SSL_CERT_FILE", cert_path.to_str().unwrap())]).await;
+    let resp = post(&gw, "/v1/chat/completions", &chat("m")).await;
+    assert_eq!(resp.status(), 200, "{}", gw.log());
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["system_fingerprint"], "tls");
+    drop(gw);
+    // Not trusted: the certificate is refused and nothing is served from it.
+    let other = tempfile::tempdir().unwrap();
+    let empty = other.path().join("none.pem");
+    std::fs::write(&empty, "").unwrap();
+    let gw = Gateway::start(
+        &config,
+        &[
+            ("SSL_CERT_FILE", empty.to_str().unwrap()),
+            ("SSL_CERT_DIR", other.path().to_str().unwrap()),
+        ],
+    )
+    .await;
+    let resp = post(&gw, "/v1/chat/completions", &chat("m")).await;
+    assert_eq!(resp.status(), 502, "{}", gw.log());
+}

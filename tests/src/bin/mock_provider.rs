@@ -57,6 +57,12 @@ struct Args {
     /// that dies without running destructors (abort, SIGKILL) does not leak mock processes.
     #[arg(long)]
     exit_on_stdin_eof: bool,
+    /// Serve HTTPS with this PEM certificate chain (needs `--tls-key`).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Pause before a scripted abort so the bytes before it reach the client.
@@ -974,6 +980,9 @@ async fn main() -> anyhow::Result<()> {
         use axum::serve::ListenerExt as _;
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
         announce(&listener.local_addr()?.port().to_string())?;
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            return serve_tls(listener, app, cert, key).await;
+        }
         // Without TCP_NODELAY, small SSE chunks on a kept-alive connection wait ~40 ms for
         // delayed ACKs, which would distort every streaming measurement.
         let listener = listener.tap_io(|tcp| {
@@ -982,4 +991,42 @@ async fn main() -> anyhow::Result<()> {
         axum::serve(listener, app).await?;
     }
     Ok(())
+}
+
+/// HTTPS: rustls over each accepted connection, then the same router (HTTP/1.1 and h2 by ALPN).
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<()> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+        });
+    }
 }
