@@ -625,6 +625,12 @@ fn build_router(
         }
     }
 
+    if pick!(enable_pre_call_checks) == Some(true) {
+        // Needs a tokenizer per model to count prompt tokens; not wired in yet.
+        loader
+            .ignored
+            .push("router_settings.enable_pre_call_checks".into());
+    }
     let timeout = pick!(timeout).or(pick!(request_timeout)).unwrap_or(6000.0);
     let settings = RouterSettings {
         routing_strategy: strategy,
@@ -692,6 +698,12 @@ fn build_general(loader: &mut Loader, g: RawGeneral) -> GeneralSettings {
             auth: p.auth.unwrap_or(false),
             include_subpath: p.include_subpath.unwrap_or(false),
         });
+    }
+    if g.allowed_routes.is_some() {
+        // Route allow-lists apply to JWT and role callers, which arrive with tenancy.
+        loader
+            .ignored
+            .push("general_settings.allowed_routes".into());
     }
     if g.database_url.is_some() {
         // Parsed so `DATABASE_URL` fallbacks line up, but no store is wired to it yet.

@@ -1,6 +1,7 @@
 //! The gateway's shared state, built once from the config.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use sluice_config::Config;
@@ -28,6 +29,12 @@ pub struct App {
     pub max_response_bytes: usize,
     /// Inference calls in flight (for `general_settings.global_max_parallel_requests`).
     pub in_flight: AtomicU64,
+    /// Requests being handled on any route (a drain waits for this to reach zero).
+    pub active: Arc<AtomicU64>,
+    /// Set on SIGTERM: liveliness answers 503 so load balancers stop sending traffic.
+    pub draining: AtomicBool,
+    /// The latest background health round, when `background_health_checks` is on.
+    pub health_cache: parking_lot::Mutex<Option<crate::info::HealthResults>>,
 }
 
 impl App {
@@ -49,7 +56,26 @@ impl App {
                 .max_response_bytes
                 .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
             in_flight: AtomicU64::new(0),
+            health_cache: parking_lot::Mutex::new(None),
+            active: Arc::new(AtomicU64::new(0)),
+            draining: AtomicBool::new(false),
             config,
         }
+    }
+}
+
+/// Counts one request as active until dropped.
+pub struct ActiveRequest(Arc<AtomicU64>);
+
+impl ActiveRequest {
+    pub fn new(counter: &Arc<AtomicU64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest(counter.clone())
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -27,6 +27,7 @@ pub struct Ctx {
     pub status: u16,
     /// Time spent waiting on upstreams (the rest is the gateway's own overhead).
     pub upstream_wait: Duration,
+    _active: crate::app::ActiveRequest,
 }
 
 impl Ctx {
@@ -75,7 +76,8 @@ impl Gateway {
         match route {
             Route::Liveliness => {
                 ctx.route = "/health/liveliness";
-                let (status, body) = if session.is_process_shutting_down() {
+                let draining = app.draining.load(std::sync::atomic::Ordering::Relaxed);
+                let (status, body) = if draining || session.is_process_shutting_down() {
                     (503, "\"draining\"")
                 } else {
                     (200, "\"I'm alive!\"")
@@ -244,6 +246,7 @@ impl ProxyHttp for Gateway {
             requested_model: None,
             status: 0,
             upstream_wait: Duration::ZERO,
+            _active: crate::app::ActiveRequest::new(&self.app.active),
         }
     }
 

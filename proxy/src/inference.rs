@@ -40,6 +40,18 @@ struct Failure {
 }
 
 impl Failure {
+    fn plain(kind: FailureKind, provider: String) -> Failure {
+        Failure {
+            kind,
+            status: None,
+            message: String::new(),
+            retry_after: None,
+            provider,
+            no_deployment: false,
+            fixed: None,
+        }
+    }
+
     fn fallback_kind(&self) -> Option<FallbackKind> {
         if self.fixed.is_some() {
             return Some(FallbackKind::General);
@@ -142,6 +154,19 @@ fn upstream_message(body: &[u8]) -> String {
         let text = String::from_utf8_lossy(body);
         text.chars().take(500).collect()
     })
+}
+
+/// Tags from the body's `tags` or `metadata.tags` (LiteLLM accepts both).
+fn request_tags(body: &RequestBody<'_>) -> Vec<String> {
+    let parse = |raw: Option<&str>| -> Option<Vec<String>> {
+        serde_json::from_str::<Vec<String>>(raw?).ok()
+    };
+    parse(body.raw("tags"))
+        .or_else(|| {
+            let meta: serde_json::Value = serde_json::from_str(body.raw("metadata")?).ok()?;
+            serde_json::from_value(meta.get("tags")?.clone()).ok()
+        })
+        .unwrap_or_default()
 }
 
 /// Retries and fallbacks made for one client request (reported in headers).
@@ -251,6 +276,11 @@ pub async fn handle(
         );
     }
     let stream = op != Operation::Embeddings && body.bool_field("stream")?.unwrap_or(false);
+    let tags = if app.router.settings.enable_tag_filtering {
+        request_tags(&body)
+    } else {
+        vec![]
+    };
     if !principal.may_use(&model) {
         return Err(ApiError::new(
             401,
@@ -295,6 +325,7 @@ pub async fn handle(
             op,
             &body,
             stream,
+            &tags,
             &mut attempts,
         )
         .await
@@ -387,14 +418,23 @@ async fn try_group(
     op: Operation,
     body: &RequestBody<'_>,
     stream: bool,
+    tags: &[String],
     attempts: &mut Attempts,
 ) -> Outcome {
     let mut tried: Vec<usize> = vec![];
     let mut retries_used = 0u32;
     let mut last: Option<Failure> = None;
     loop {
-        let picked = match app.router.select(group, &tried, stream) {
+        let picked = match app.router.select_tagged(group, &tried, stream, tags) {
             Ok(p) => p,
+            Err(nd) if nd.no_tag_match => {
+                return Outcome::Failed(Failure {
+                    fixed: Some(ApiError::bad_request(format!(
+                        "No deployment of model={requested} matches the request tags {tags:?} (enable_tag_filtering is on)"
+                    ))),
+                    ..Failure::plain(FailureKind::BadRequest, String::new())
+                })
+            }
             Err(nd) => {
                 return Outcome::Failed(last.unwrap_or_else(|| Failure {
                     kind: FailureKind::RateLimit,

@@ -155,20 +155,44 @@ pub fn readiness(_app: &App) -> Bytes {
     }))
 }
 
+/// Health results by deployment id.
+pub type HealthResults = Vec<(String, Result<(), String>)>;
+
 /// One real call per deployment, by its mode; concurrently, each bounded by its health timeout.
-pub async fn health(app: &App, model: Option<&str>) -> Bytes {
+pub async fn check_all(app: &App) -> HealthResults {
     let deps: Vec<_> = app
         .router
-        .groups_in_order()
-        .filter(|g| model.is_none_or(|m| g.name == m))
-        .flat_map(|g| g.deployments.iter().cloned())
+        .all_deployments()
         .filter(|d| !d.config.is_wildcard() || d.config.model_info.health_check_model.is_some())
+        .cloned()
         .collect();
-    let checks = deps.iter().map(|d| check_one(app, d));
-    let results = futures_util::future::join_all(checks).await;
+    let results = futures_util::future::join_all(deps.iter().map(|d| check_one(app, d))).await;
+    deps.iter()
+        .map(|d| d.id().to_string())
+        .zip(results)
+        .collect()
+}
+
+/// `/health`: fresh checks, or the background checker's latest round when it runs.
+pub async fn health(app: &App, model: Option<&str>) -> Bytes {
+    let cached = if app.config.general.background_health_checks {
+        app.health_cache.lock().clone()
+    } else {
+        None
+    };
+    let results = match cached {
+        Some(r) => r,
+        None => check_all(app).await,
+    };
     let mut healthy = vec![];
     let mut unhealthy = vec![];
-    for (d, r) in deps.iter().zip(results) {
+    for d in app.router.all_deployments() {
+        if model.is_some_and(|m| d.config.model_name != m) {
+            continue;
+        }
+        let Some((_, r)) = results.iter().find(|(id, _)| id == d.id()) else {
+            continue;
+        };
         let mut entry = public_params(d);
         entry["model_id"] = json!(d.config.id);
         entry["model_name"] = json!(d.config.model_name);
@@ -188,6 +212,26 @@ pub async fn health(app: &App, model: Option<&str>) -> Bytes {
         "healthy_count": healthy.len(),
         "unhealthy_count": unhealthy.len(),
     }))
+}
+
+/// `general_settings.background_health_checks`: re-checks every `health_check_interval` and
+/// keeps the latest round for `/health`.
+pub struct BackgroundHealth {
+    pub app: std::sync::Arc<App>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for BackgroundHealth {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            let results = check_all(&self.app).await;
+            *self.app.health_cache.lock() = Some(results);
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(self.app.config.general.health_check_interval) => {}
+            }
+        }
+    }
 }
 
 async fn check_one(app: &App, d: &DeploymentState) -> Result<(), String> {

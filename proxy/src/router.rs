@@ -271,6 +271,8 @@ fn futures_now<F: std::future::Future>(f: F) -> F::Output {
 #[derive(Debug)]
 pub struct NoDeployment {
     pub retry_after: u64,
+    /// Tag filtering left no deployment at all (a request error, not a capacity one).
+    pub no_tag_match: bool,
 }
 
 /// A picked deployment, counted in flight until the guard drops.
@@ -391,10 +393,33 @@ impl Router {
         tried: &[usize],
         stream: bool,
     ) -> Result<Picked, NoDeployment> {
+        self.select_tagged(group, tried, stream, &[])
+    }
+
+    /// Like [`Router::select`], restricted by the request's tags when `enable_tag_filtering`
+    /// is on: tagged requests go to deployments carrying their tags (any or all, per
+    /// `tag_filtering_match_any`); untagged ones to deployments tagged `default`, if any.
+    pub fn select_tagged(
+        &self,
+        group: &Group,
+        tried: &[usize],
+        stream: bool,
+        tags: &[String],
+    ) -> Result<Picked, NoDeployment> {
+        let eligible = self.tag_eligible(group, tags);
+        if eligible.is_empty() {
+            return Err(NoDeployment {
+                retry_after: 0,
+                no_tag_match: true,
+            });
+        }
         let now = Instant::now();
         let mut soonest_cooldown: Option<Duration> = None;
         let mut healthy: Vec<usize> = Vec::with_capacity(group.deployments.len());
         for (i, d) in group.deployments.iter().enumerate() {
+            if !eligible.contains(&i) {
+                continue;
+            }
             if let Some(left) = d.cooling_down(now) {
                 soonest_cooldown = Some(soonest_cooldown.map_or(left, |s| s.min(left)));
                 continue;
@@ -408,7 +433,10 @@ impl Router {
             let retry_after = soonest_cooldown
                 .map(|d| d.as_secs().max(1))
                 .unwrap_or_else(secs_to_next_minute);
-            return Err(NoDeployment { retry_after });
+            return Err(NoDeployment {
+                retry_after,
+                no_tag_match: false,
+            });
         }
         let untried: Vec<usize> = healthy
             .iter()
@@ -443,6 +471,30 @@ impl Router {
             deployment: d.clone(),
             _in_flight: InFlight(d),
         })
+    }
+
+    fn tag_eligible(&self, group: &Group, tags: &[String]) -> Vec<usize> {
+        let all = 0..group.deployments.len();
+        if !self.settings.enable_tag_filtering {
+            return all.collect();
+        }
+        let has = |i: usize, t: &str| group.deployments[i].config.tags.iter().any(|d| d == t);
+        if tags.is_empty() {
+            let defaults: Vec<usize> = all.clone().filter(|i| has(*i, "default")).collect();
+            return if defaults.is_empty() {
+                all.collect()
+            } else {
+                defaults
+            };
+        }
+        all.filter(|i| {
+            if self.settings.tag_filtering_match_any {
+                tags.iter().any(|t| has(*i, t))
+            } else {
+                tags.iter().all(|t| has(*i, t))
+            }
+        })
+        .collect()
     }
 
     fn choose(&self, group: &Group, candidates: &[usize], stream: bool) -> usize {
@@ -807,5 +859,58 @@ router_settings:
         for _ in 0..10 {
             assert!(!r.observe_failure(other, FailureKind::BadRequest));
         }
+    }
+
+    #[test]
+    fn tag_filtering_routes_by_request_tags() {
+        let r = router(
+            r#"
+model_list:
+  - {model_name: g, litellm_params: {model: openai/a, api_base: "http://127.0.0.1:1/v1", tags: [paid, fast]}}
+  - {model_name: g, litellm_params: {model: openai/b, api_base: "http://127.0.0.1:2/v1", tags: [default]}}
+  - {model_name: g, litellm_params: {model: openai/c, api_base: "http://127.0.0.1:3/v1", max_parallel_requests: 1}}
+router_settings: {enable_tag_filtering: true}
+"#,
+        );
+        let g = r.resolve("g").unwrap();
+        let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for _ in 0..5 {
+            assert_eq!(
+                r.select_tagged(&g, &[], false, &tags(&["paid"]))
+                    .unwrap()
+                    .index,
+                0
+            );
+            assert_eq!(
+                r.select_tagged(&g, &[], false, &[]).unwrap().index,
+                1,
+                "untagged → default"
+            );
+        }
+        let Err(e) = r.select_tagged(&g, &[], false, &tags(&["nope"])) else {
+            panic!("no deployment carries the tag");
+        };
+        assert!(e.no_tag_match);
+    }
+
+    #[test]
+    fn max_parallel_requests_skips_a_busy_deployment() {
+        let r = router(
+            r#"
+model_list:
+  - {model_name: g, litellm_params: {model: openai/a, api_base: "http://127.0.0.1:1/v1", max_parallel_requests: 1, order: 1}}
+  - {model_name: g, litellm_params: {model: openai/b, api_base: "http://127.0.0.1:2/v1", order: 2}}
+"#,
+        );
+        let g = r.resolve("g").unwrap();
+        let held = r.select(&g, &[], false).unwrap();
+        assert_eq!(held.index, 0);
+        assert_eq!(
+            r.select(&g, &[], false).unwrap().index,
+            1,
+            "deployment 0 is at its limit"
+        );
+        drop(held);
+        assert_eq!(r.select(&g, &[], false).unwrap().index, 0);
     }
 }

@@ -1121,3 +1121,70 @@ async fn tls_upstream_is_verified_against_trusted_roots() {
     let resp = post(&gw, "/v1/chat/completions", &chat("m")).await;
     assert_eq!(resp.status(), 502, "{}", gw.log());
 }
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let mock = Mock::start("g").await;
+    let mut gw = Gateway::start(
+        &format!(
+            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/slow-1000, api_base: {}}}}}\n",
+            mock.base_url()
+        ),
+        &[],
+    )
+    .await;
+    let call = tokio::spawn({
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            client()
+                .post(url)
+                .json(&chat("m"))
+                .send()
+                .await
+                .map(|r| r.status())
+        }
+    });
+    mock.wait_stats(Duration::from_secs(5), |s| s["in_flight"] == 1)
+        .await;
+    let status = gw
+        .terminate(Duration::from_secs(15))
+        .await
+        .expect("sluice exits after SIGTERM");
+    assert_eq!(
+        call.await.unwrap().unwrap(),
+        200,
+        "the in-flight request completed"
+    );
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn background_health_checks_serve_cached_results() {
+    let mock = Mock::start("h").await;
+    let gw = Gateway::start(
+        &format!(
+            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/x, api_base: {}}}}}\ngeneral_settings: {{background_health_checks: true, health_check_interval: 30}}\n",
+            mock.base_url()
+        ),
+        &[],
+    )
+    .await;
+    mock.wait_stats(Duration::from_secs(5), |s| s["total_calls"] == 1)
+        .await;
+    for _ in 0..3 {
+        let v: Value = client()
+            .get(gw.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["healthy_count"], 1, "{v}");
+    }
+    assert_eq!(
+        calls(&mock).await,
+        1,
+        "/health answered from the background round"
+    );
+}
