@@ -19,6 +19,7 @@ use sluice_filters::ApiError;
 
 use crate::app::{App, MAX_ERROR_BODY_BYTES};
 use crate::gateway::{client_gone, read_body, Ctx};
+use crate::metrics::{deployment_labels, deployment_labels_with_status};
 use crate::respond;
 use crate::router::{DeploymentState, FallbackKind, Group, Picked};
 use crate::target::Target;
@@ -489,13 +490,12 @@ async fn try_group(
 
 fn record_failure(app: &App, d: &DeploymentState, f: &Failure) {
     let c = &d.config;
-    let base = c.api_base.as_deref().unwrap_or("");
     let status = f
         .status
         .map_or_else(|| "None".to_string(), |s| s.to_string());
     app.metrics
         .deployment_failure
-        .with_label_values(&[&c.upstream_model, &c.id, base, c.provider.name(), &status])
+        .with_label_values(&deployment_labels_with_status(c, &status))
         .inc();
     app.metrics
         .llm_api_failed_legacy
@@ -504,7 +504,7 @@ fn record_failure(app: &App, d: &DeploymentState, f: &Failure) {
     if app.router.observe_failure(d, f.kind) {
         app.metrics
             .deployment_cooled_down
-            .with_label_values(&[&c.upstream_model, &c.id, base, c.provider.name(), &status])
+            .with_label_values(&deployment_labels_with_status(c, &status))
             .inc();
     }
 }
@@ -563,15 +563,9 @@ async fn attempt(
         timeout,
     };
     let c = &d.config;
-    let base_labels = [
-        c.upstream_model.as_str(),
-        c.id.as_str(),
-        c.api_base.as_deref().unwrap_or(""),
-        c.provider.name(),
-    ];
     app.metrics
         .deployment_total
-        .with_label_values(&base_labels)
+        .with_label_values(&deployment_labels(c))
         .inc();
     app.metrics
         .requests_legacy
@@ -729,12 +723,7 @@ fn record_success(
     app.router.observe_success(d, total, ttft, tokens);
     let m = &app.metrics;
     m.deployment_success
-        .with_label_values(&[
-            &c.upstream_model,
-            &c.id,
-            c.api_base.as_deref().unwrap_or(""),
-            c.provider.name(),
-        ])
+        .with_label_values(&deployment_labels(c))
         .inc();
     m.llm_api_latency
         .with_label_values(&[model])
@@ -754,12 +743,7 @@ fn record_success(
             .inc_by(u.completion_tokens);
         if u.completion_tokens > 0 {
             m.latency_per_output_token
-                .with_label_values(&[
-                    &c.upstream_model,
-                    &c.id,
-                    c.api_base.as_deref().unwrap_or(""),
-                    c.provider.name(),
-                ])
+                .with_label_values(&deployment_labels(c))
                 .observe(total.as_secs_f64() / u.completion_tokens as f64);
         }
     }

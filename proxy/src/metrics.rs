@@ -6,6 +6,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use sluice_config::Deployment;
+
 use crate::router::Router;
 
 pub struct Metrics {
@@ -34,6 +36,22 @@ pub struct Metrics {
 }
 
 const DEPLOYMENT_LABELS: &[&str] = &["litellm_model_name", "model_id", "api_base", "api_provider"];
+
+/// Values for [`DEPLOYMENT_LABELS`], in that order.
+pub fn deployment_labels(c: &Deployment) -> [&str; 4] {
+    [
+        &c.upstream_model,
+        &c.id,
+        c.api_base.as_deref().unwrap_or(""),
+        c.provider.name(),
+    ]
+}
+
+/// [`deployment_labels`] plus `exception_status`.
+pub fn deployment_labels_with_status<'a>(c: &'a Deployment, status: &'a str) -> [&'a str; 5] {
+    let [a, b, c, d] = deployment_labels(c);
+    [a, b, c, d, status]
+}
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -190,7 +208,7 @@ impl Metrics {
             let c = &d.config;
             let base = c.api_base.as_deref().unwrap_or("");
             self.deployment_state
-                .with_label_values(&[&c.upstream_model, &c.id, base, c.provider.name()])
+                .with_label_values(&deployment_labels(c))
                 .set(i64::from(d.state_code()));
             let (rr, rt) = d.remaining();
             let labels = [

@@ -19,6 +19,15 @@ async fn post(gw: &Gateway, path: &str, body: &Value) -> reqwest::Response {
         .expect("request to the gateway")
 }
 
+/// A config with one deployment, group `m`, of the mock's `openai/<upstream>` model.
+/// `params` extends its `litellm_params` (", timeout: 1"); `rest` follows the model list.
+fn one_model(mock: &Mock, upstream: &str, params: &str, rest: &str) -> String {
+    format!(
+        "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/{upstream}, api_base: {}{params}}}}}\n{rest}",
+        mock.base_url()
+    )
+}
+
 async fn calls(mock: &Mock) -> u64 {
     mock.stats().await["total_calls"].as_u64().unwrap()
 }
@@ -239,9 +248,11 @@ router_settings: {{num_retries: 3, allowed_fails: 1, cooldown_time: 1}}
 async fn whole_group_cooling_down_answers_429_with_retry_after() {
     let mock = Mock::start("solo").await;
     let gw = Gateway::start(
-        &format!(
-            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/x, api_base: {}}}}}\nrouter_settings: {{num_retries: 0, allowed_fails: 0, cooldown_time: 30}}\n",
-            mock.base_url()
+        &one_model(
+            &mock,
+            "x",
+            "",
+            "router_settings: {num_retries: 0, allowed_fails: 0, cooldown_time: 30}\n",
         ),
         &[],
     )
@@ -364,14 +375,7 @@ router_settings: {{routing_strategy: least-busy}}
 #[tokio::test]
 async fn sse_flows_chunk_by_chunk_and_usage_chunk_is_hidden() {
     let mock = Mock::start("s").await;
-    let gw = Gateway::start(
-        &format!(
-            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/stream-5-delay-300, api_base: {}}}}}\n",
-            mock.base_url()
-        ),
-        &[],
-    )
-    .await;
+    let gw = Gateway::start(&one_model(&mock, "stream-5-delay-300", "", ""), &[]).await;
     let started = Instant::now();
     let mut resp = post(
         &gw,
@@ -429,14 +433,7 @@ async fn sse_flows_chunk_by_chunk_and_usage_chunk_is_hidden() {
 #[tokio::test]
 async fn client_disconnect_closes_the_upstream_stream() {
     let mock = Mock::start("d").await;
-    let gw = Gateway::start(
-        &format!(
-            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/stream-50-delay-100, api_base: {}}}}}\n",
-            mock.base_url()
-        ),
-        &[],
-    )
-    .await;
+    let gw = Gateway::start(&one_model(&mock, "stream-50-delay-100", "", ""), &[]).await;
     let mut resp = post(
         &gw,
         "/v1/chat/completions",
@@ -1013,9 +1010,11 @@ async fn json_logs_are_json_lines() {
 async fn nothing_is_retried_after_bytes_reached_the_client() {
     let mock = Mock::start("m").await;
     let gw = Gateway::start(
-        &format!(
-            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/drop-mid-stream, api_base: {}}}}}\nrouter_settings: {{num_retries: 3}}\n",
-            mock.base_url()
+        &one_model(
+            &mock,
+            "drop-mid-stream",
+            "",
+            "router_settings: {num_retries: 3}\n",
         ),
         &[],
     )
@@ -1042,14 +1041,7 @@ async fn nothing_is_retried_after_bytes_reached_the_client() {
 #[tokio::test]
 async fn client_disconnect_cancels_a_pending_upstream_call() {
     let mock = Mock::start("c").await;
-    let gw = Gateway::start(
-        &format!(
-            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/slow-3000, api_base: {}}}}}\n",
-            mock.base_url()
-        ),
-        &[],
-    )
-    .await;
+    let gw = Gateway::start(&one_model(&mock, "slow-3000", "", ""), &[]).await;
     let call = tokio::spawn({
         let url = gw.url("/v1/chat/completions");
         async move { client().post(url).json(&chat("m")).send().await }
@@ -1067,9 +1059,11 @@ async fn client_disconnect_cancels_a_pending_upstream_call() {
 async fn stream_timeout_bounds_the_wait_for_each_chunk() {
     let mock = Mock::start("t").await;
     let gw = Gateway::start(
-        &format!(
-            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/slow-2000, api_base: {}, timeout: 30, stream_timeout: 0.3}}}}\nrouter_settings: {{num_retries: 0}}\n",
-            mock.base_url()
+        &one_model(
+            &mock,
+            "slow-2000",
+            ", timeout: 30, stream_timeout: 0.3",
+            "router_settings: {num_retries: 0}\n",
         ),
         &[],
     )
@@ -1125,14 +1119,7 @@ async fn tls_upstream_is_verified_against_trusted_roots() {
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish() {
     let mock = Mock::start("g").await;
-    let mut gw = Gateway::start(
-        &format!(
-            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/slow-1000, api_base: {}}}}}\n",
-            mock.base_url()
-        ),
-        &[],
-    )
-    .await;
+    let mut gw = Gateway::start(&one_model(&mock, "slow-1000", "", ""), &[]).await;
     let call = tokio::spawn({
         let url = gw.url("/v1/chat/completions");
         async move {
@@ -1162,9 +1149,11 @@ async fn sigterm_lets_in_flight_requests_finish() {
 async fn background_health_checks_serve_cached_results() {
     let mock = Mock::start("h").await;
     let gw = Gateway::start(
-        &format!(
-            "model_list:\n  - {{model_name: m, litellm_params: {{model: openai/x, api_base: {}}}}}\ngeneral_settings: {{background_health_checks: true, health_check_interval: 30}}\n",
-            mock.base_url()
+        &one_model(
+            &mock,
+            "x",
+            "",
+            "general_settings: {background_health_checks: true, health_check_interval: 30}\n",
         ),
         &[],
     )
