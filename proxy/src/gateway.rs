@@ -192,6 +192,19 @@ pub async fn read_body(session: &mut Session, cap: usize) -> Result<Bytes, ApiEr
             return Err(ApiError::body_too_large(cap));
         }
     }
+    // curl and many SDKs send `Expect: 100-continue` for large bodies and wait for the go-ahead
+    // (Pingora leaves it to whoever reads the body, normally the upstream).
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get("expect")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue && !session.is_http2() {
+        session
+            .write_continue_response()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("Could not answer Expect: {e}")))?;
+    }
     // A body that arrives in one chunk is used as is; only multi-chunk bodies are copied.
     let mut first: Option<Bytes> = None;
     let mut rest = BytesMut::new();

@@ -1177,3 +1177,41 @@ async fn background_health_checks_serve_cached_results() {
         "/health answered from the background round"
     );
 }
+
+#[tokio::test]
+async fn expect_100_continue_gets_the_go_ahead() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = Mock::start("x").await;
+    let gw = Gateway::start(&one_model(&mock, "x", "", ""), &[]).await;
+    let body = serde_json::to_vec(&chat("m")).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_millis(500), tcp.read(&mut buf))
+        .await
+        .expect("100 Continue arrives before the body is sent")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    tcp.write_all(&body).await.unwrap();
+    let mut rest = Vec::new();
+    let mut chunk = vec![0u8; 4096];
+    while !String::from_utf8_lossy(&rest).contains("\"usage\"") {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed early");
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    assert!(String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"));
+}
