@@ -1215,3 +1215,36 @@ async fn expect_100_continue_gets_the_go_ahead() {
     }
     assert!(String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test]
+async fn vllm_passthrough_falls_back_to_hosted_vllm_api_base() {
+    let mock = Mock::start("env").await;
+    let other = Mock::start("other").await;
+    // Two hosted_vllm deployments: no single default, so the environment variable decides.
+    let gw = Gateway::start(
+        &format!(
+            r#"
+model_list:
+  - {{model_name: a, litellm_params: {{model: hosted_vllm/a, api_base: {0}}}}}
+  - {{model_name: b, litellm_params: {{model: hosted_vllm/b, api_base: {0}}}}}
+"#,
+            other.base_url()
+        ),
+        &[
+            ("HOSTED_VLLM_API_BASE", &mock.base_url()),
+            ("HOSTED_VLLM_API_KEY", "sk-env-vllm"),
+        ],
+    )
+    .await;
+    let resp = client()
+        .post(gw.url("/vllm/tokenize"))
+        .json(&json!({"prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let last = &mock.stats().await["last_request"];
+    assert_eq!(last["path"], "/tokenize");
+    assert_eq!(last["headers"]["authorization"], "Bearer sk-env-vllm");
+    assert_eq!(calls(&other).await, 0);
+}
