@@ -8,6 +8,7 @@ pub mod classify;
 pub mod error;
 pub mod provider;
 pub mod route;
+pub mod sse;
 pub mod usage;
 
 pub use error::ApiError;

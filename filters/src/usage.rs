@@ -4,6 +4,8 @@
 use memchr::memmem;
 use serde::Deserialize;
 
+use crate::sse::{event_data, SseSplitter};
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct Usage {
     #[serde(default)]
@@ -29,12 +31,12 @@ pub fn usage_from_body(body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<WithUsage>(body).ok()?.usage
 }
 
-/// Splits an SSE byte stream into events, records the `usage` chunk and, when Sluice asked the
-/// upstream for usage on the client's behalf, removes that extra chunk from what the client sees.
-/// Only a trailing partial event is ever held back; complete events pass at once.
+/// Records the `usage` chunk of an OpenAI SSE stream and, when Sluice asked the upstream for
+/// usage on the client's behalf, removes that extra chunk from what the client sees. Only a
+/// trailing partial event is ever held back; complete events pass at once.
 #[derive(Debug, Default)]
 pub struct SseUsageScanner {
-    pending: Vec<u8>,
+    splitter: SseSplitter,
     strip_usage_chunk: bool,
     usage: Option<Usage>,
     events: u64,
@@ -59,79 +61,52 @@ impl SseUsageScanner {
 
     /// Feeds upstream bytes; appends what the client should receive to `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if self.pending.is_empty() {
-            let consumed = self.scan(chunk, out);
-            self.pending.extend_from_slice(&chunk[consumed..]);
-        } else {
-            let mut data = std::mem::take(&mut self.pending);
-            data.extend_from_slice(chunk);
-            let consumed = self.scan(&data, out);
-            data.drain(..consumed);
-            self.pending = data;
-        }
-    }
-
-    /// Passes on every complete event in `data`; returns how many bytes they took.
-    fn scan(&mut self, data: &[u8], out: &mut Vec<u8>) -> usize {
-        let mut start = 0;
-        while let Some(end) = event_end(&data[start..]) {
-            let event = &data[start..start + end];
-            self.events += 1;
-            if !self.inspect(event) {
+        let Self {
+            splitter,
+            strip_usage_chunk,
+            usage,
+            events,
+        } = self;
+        splitter.feed(chunk, |event| {
+            *events += 1;
+            if !inspect(event, *strip_usage_chunk, usage) {
                 out.extend_from_slice(event);
             }
-            start += end;
-        }
-        start
+        });
     }
 
     /// Flushes whatever partial event remains at the end of the stream.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        let rest = std::mem::take(&mut self.pending);
-        if !rest.is_empty() && !self.inspect(&rest) {
-            out.extend_from_slice(&rest);
-        }
-    }
-
-    /// Records usage; returns true when the event must be withheld from the client.
-    fn inspect(&mut self, event: &[u8]) -> bool {
-        if memmem::find(event, b"\"usage\"").is_none() {
-            return false;
-        }
-        let Some(json) = event_data(event) else {
-            return false;
-        };
-        let Ok(parsed) = serde_json::from_slice::<WithUsage>(json) else {
-            return false;
-        };
-        if let Some(u) = parsed.usage {
-            self.usage = Some(u);
-            return self.strip_usage_chunk && parsed.choices.is_none_or(|c| c.is_empty());
-        }
-        false
+        let Self {
+            splitter,
+            strip_usage_chunk,
+            usage,
+            ..
+        } = self;
+        splitter.finish(|event| {
+            if !inspect(event, *strip_usage_chunk, usage) {
+                out.extend_from_slice(event);
+            }
+        });
     }
 }
 
-/// Length of the first complete event (including its blank-line terminator), if any.
-fn event_end(data: &[u8]) -> Option<usize> {
-    let lf = memmem::find(data, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(data, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// Records usage; returns true when the event must be withheld from the client.
+fn inspect(event: &[u8], strip_usage_chunk: bool, usage: &mut Option<Usage>) -> bool {
+    if memmem::find(event, b"\"usage\"").is_none() {
+        return false;
     }
-}
-
-/// The payload of an event's `data:` line(s) (single-line data is the OpenAI convention).
-fn event_data(event: &[u8]) -> Option<&[u8]> {
-    for line in event.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-            return Some(rest);
-        }
+    let Some(json) = event_data(event) else {
+        return false;
+    };
+    let Ok(parsed) = serde_json::from_slice::<WithUsage>(json) else {
+        return false;
+    };
+    if let Some(u) = parsed.usage {
+        *usage = Some(u);
+        return strip_usage_chunk && parsed.choices.is_none_or(|c| c.is_empty());
     }
-    None
+    false
 }
 
 #[cfg(test)]
