@@ -137,6 +137,8 @@ struct RawParams {
     litellm_credential_name: Option<String>,
     #[serde(default, deserialize_with = "lenient::opt_string")]
     custom_llm_provider: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    drop_params: Option<bool>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -214,6 +216,8 @@ struct RawRouting {
     tag_filtering_match_any: Option<bool>,
     #[serde(default)]
     model_group_alias: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    drop_params: Option<bool>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -659,6 +663,7 @@ fn build_router(
         enable_pre_call_checks: pick!(enable_pre_call_checks).unwrap_or(false),
         enable_tag_filtering: pick!(enable_tag_filtering).unwrap_or(false),
         tag_filtering_match_any: pick!(tag_filtering_match_any).unwrap_or(true),
+        drop_params: pick!(drop_params).unwrap_or(false),
         failure_threshold_percent: env_number("DEFAULT_FAILURE_THRESHOLD_PERCENT").unwrap_or(0.5),
         failure_threshold_minimum_requests: env_number("DEFAULT_FAILURE_THRESHOLD_MINIMUM_REQUESTS")
             .unwrap_or(5.0) as u64,
@@ -890,6 +895,7 @@ fn build_deployments(
             max_parallel_requests: params.max_parallel_requests,
             cooldown_time: secs(params.cooldown_time),
             tags: params.tags.clone().unwrap_or_default(),
+            drop_params: params.drop_params,
             input_cost_per_token: params.input_cost_per_token.or(info.input_cost_per_token),
             output_cost_per_token: params.output_cost_per_token.or(info.output_cost_per_token),
             default_params: default_params.clone(),

@@ -57,6 +57,8 @@ pub struct Deployment {
     pub max_parallel_requests: Option<u64>,
     pub cooldown_time: Option<Duration>,
     pub tags: Vec<String>,
+    /// Per-deployment `drop_params` (overrides `litellm_settings.drop_params`).
+    pub drop_params: Option<bool>,
     pub input_cost_per_token: Option<f64>,
     pub output_cost_per_token: Option<f64>,
     /// Request parameters given in `litellm_params` (`temperature`, `max_tokens`, ...): sent
@@ -215,6 +217,9 @@ pub struct RouterSettings {
     pub enable_pre_call_checks: bool,
     pub enable_tag_filtering: bool,
     pub tag_filtering_match_any: bool,
+    /// `litellm_settings.drop_params`: drop OpenAI params a provider cannot take instead of
+    /// answering 400.
+    pub drop_params: bool,
     pub failure_threshold_percent: f64,
     pub failure_threshold_minimum_requests: u64,
     pub single_deployment_failure_threshold: u64,

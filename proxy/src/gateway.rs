@@ -179,6 +179,19 @@ pub fn query_param(path: &str, name: &str) -> Option<String> {
     })
 }
 
+/// Bodies up to this size are read and discarded before a 413 so that the client, still
+/// writing, gets the answer instead of a broken pipe; larger ones get the answer and a close.
+const OVERSIZE_DRAIN_LIMIT: usize = 256 * 1024 * 1024;
+
+async fn refuse_oversize(session: &mut Session, declared_or_seen: usize) {
+    // A client waiting for `100 Continue` has not sent the body and never will.
+    let waits_for_continue = session.req_header().headers.contains_key("expect");
+    if declared_or_seen <= OVERSIZE_DRAIN_LIMIT && !waits_for_continue {
+        let _ = tokio::time::timeout(Duration::from_secs(10), session.drain_request_body()).await;
+    }
+    session.set_keepalive(None);
+}
+
 /// Reads the whole request body, refusing more than `cap` bytes with 413.
 pub async fn read_body(session: &mut Session, cap: usize) -> Result<Bytes, ApiError> {
     if let Some(len) = session
@@ -189,6 +202,7 @@ pub async fn read_body(session: &mut Session, cap: usize) -> Result<Bytes, ApiEr
         .and_then(|v| v.parse::<usize>().ok())
     {
         if len > cap {
+            refuse_oversize(session, len).await;
             return Err(ApiError::body_too_large(cap));
         }
     }
@@ -216,6 +230,7 @@ pub async fn read_body(session: &mut Session, cap: usize) -> Result<Bytes, ApiEr
     {
         total += chunk.len();
         if total > cap {
+            refuse_oversize(session, total).await;
             return Err(ApiError::body_too_large(cap));
         }
         match &first {

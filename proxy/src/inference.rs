@@ -13,7 +13,7 @@ use sluice_config::{split_model, Deployment};
 use sluice_filters::auth::Principal;
 use sluice_filters::body::RequestBody;
 use sluice_filters::classify::FailureKind;
-use sluice_filters::provider::{Operation, Provider};
+use sluice_filters::provider::{CallOptions, Operation, Provider, StreamDecoder};
 use sluice_filters::usage::Usage;
 use sluice_filters::ApiError;
 
@@ -544,6 +544,12 @@ async fn attempt(
         &plan.deployment,
         &plan.upstream_model,
         stream,
+        &CallOptions {
+            drop_params: plan
+                .deployment
+                .drop_params
+                .unwrap_or(app.router.settings.drop_params),
+        },
     ) {
         Ok(r) => r,
         Err(e) => return fixed(e),
@@ -552,7 +558,7 @@ async fn attempt(
     if app.config.general.forward_client_headers_to_llm_api {
         forward_client_headers(session, &mut headers);
     }
-    let path = format!("{}{}", plan.target.path_prefix, req.path);
+    let path = join_path(&plan.target.path_prefix, &req.path);
     let timeout = plan.deployment.call_timeout(stream, &app.router.settings);
     let call = Call {
         target: &plan.target,
@@ -642,7 +648,11 @@ async fn attempt(
             picked,
             &plan,
             resp,
-            req.injected_stream_usage,
+            plan.provider.stream_decoder(
+                req.injected_stream_usage,
+                body.wants_stream_usage(),
+                &plan.upstream_model,
+            ),
             sent,
             extra,
         )
@@ -653,6 +663,15 @@ async fn attempt(
     match served {
         Ok(o) => o,
         Err(e) => failure(FailureKind::Connect, None, e.to_string(), None),
+    }
+}
+
+/// Joins a base path prefix and a provider path, without doubling a `/v1` that both carry
+/// (`https://api.anthropic.com/v1` + `/v1/messages`).
+fn join_path(prefix: &str, path: &str) -> String {
+    match (prefix.strip_suffix("/v1"), path.strip_prefix("/v1/")) {
+        (Some(_), Some(rest)) => format!("{prefix}/{rest}"),
+        _ => format!("{prefix}{path}"),
     }
 }
 
@@ -769,7 +788,11 @@ async fn whole_response(
     let total = sent.elapsed();
     let upstream_header = resp.header.clone();
     app.upstream.release(resp).await;
-    let usage = plan.provider.response_usage(&body);
+    let (translated, usage) = plan
+        .provider
+        .translate_response(&body, &plan.upstream_model)
+        .map_err(|e| CallError::Protocol(e.message))?;
+    let body = translated.map_or(body, Bytes::from);
     record_success(
         app,
         picked,
@@ -778,7 +801,8 @@ async fn whole_response(
         usage,
         &picked.deployment.config.model_name,
     );
-    let h = client_header(ctx, &upstream_header, &extra, None);
+    let content_type = (plan.provider != Provider::OpenAiCompatible).then_some("application/json");
+    let h = client_header(ctx, &upstream_header, &extra, content_type);
     ctx.status = upstream_header.status.as_u16();
     if !respond::send(session, h, body).await {
         return Ok(Outcome::ClientGone);
@@ -794,7 +818,7 @@ async fn stream_response(
     picked: &Picked,
     plan: &Plan<'_>,
     mut resp: OpenResponse,
-    injected_usage: bool,
+    mut decoder: StreamDecoder,
     sent: Instant,
     extra: Vec<(&'static str, String)>,
 ) -> Result<Outcome, CallError> {
@@ -811,7 +835,6 @@ async fn stream_response(
     {
         return Ok(Outcome::ClientGone);
     }
-    let mut decoder = plan.provider.stream_decoder(injected_usage);
     let mut out = Vec::with_capacity(4096);
     let mut ttft = None;
     loop {

@@ -2,6 +2,7 @@
 //! and one provider's wire format. A closed enum dispatches to one module per provider; the proxy
 //! only ever calls these methods, so new formats slot in here without touching it.
 
+pub mod anthropic;
 mod openai;
 
 use sluice_config::{Deployment, WireFormat};
@@ -47,6 +48,13 @@ impl Operation {
     }
 }
 
+/// Per-call choices that are not part of the body.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallOptions {
+    /// `drop_params`: silently drop OpenAI parameters the provider cannot take.
+    pub drop_params: bool,
+}
+
 /// A request ready to send: the path (with query) below the deployment's base, extra headers and
 /// the body.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,10 +67,55 @@ pub struct UpstreamRequest {
     pub injected_stream_usage: bool,
 }
 
+/// LiteLLM's `UnsupportedParamsError`, naming the parameters and the provider.
+pub fn unsupported_params(provider: &str, model: &str, params: &[&str]) -> ApiError {
+    let list = params
+        .iter()
+        .map(|p| format!("'{p}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    ApiError::bad_request(format!(
+        "litellm.UnsupportedParamsError: {provider} does not support parameters: [{list}], for model={model}. To drop these, set `litellm.drop_params=True` or for proxy:\n\n`litellm_settings:\n drop_params: true`\n"
+    ))
+    .with_param(params[0])
+}
+
 /// Supported wire formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provider {
     OpenAiCompatible,
+    Anthropic,
+}
+
+/// An incremental decoder from the provider's stream to OpenAI SSE.
+pub enum StreamDecoder {
+    OpenAi(SseUsageScanner),
+    Anthropic(Box<anthropic::AnthropicStream>),
+}
+
+impl StreamDecoder {
+    /// Feeds upstream bytes; appends what the client should receive to `out`.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        match self {
+            StreamDecoder::OpenAi(s) => s.feed(chunk, out),
+            StreamDecoder::Anthropic(s) => s.feed(chunk, out),
+        }
+    }
+
+    /// Flushes the end of the stream.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        match self {
+            StreamDecoder::OpenAi(s) => s.finish(out),
+            StreamDecoder::Anthropic(s) => s.finish(out),
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            StreamDecoder::OpenAi(s) => s.usage(),
+            StreamDecoder::Anthropic(s) => s.usage(),
+        }
+    }
 }
 
 impl Provider {
@@ -70,6 +123,7 @@ impl Provider {
     pub fn for_deployment(d: &Deployment) -> Result<Provider, ApiError> {
         match d.provider.wire_format() {
             WireFormat::OpenAi => Ok(Provider::OpenAiCompatible),
+            WireFormat::Anthropic => Ok(Provider::Anthropic),
             other => Err(ApiError::new(
                 501,
                 "not_implemented_error",
@@ -90,32 +144,57 @@ impl Provider {
         d: &Deployment,
         upstream_model: &str,
         stream: bool,
+        opts: &CallOptions,
     ) -> Result<UpstreamRequest, ApiError> {
         match self {
             Provider::OpenAiCompatible => {
                 openai::build_request(op, body, d, upstream_model, stream)
             }
+            Provider::Anthropic => {
+                anthropic::build_request(op, body, d, upstream_model, stream, opts)
+            }
         }
     }
 
-    /// Usage from a complete response body.
-    pub fn response_usage(&self, body: &[u8]) -> Option<Usage> {
+    /// A complete response in OpenAI's shape (`None`: the body already is), with its usage.
+    /// `model` is the name the client asked for.
+    pub fn translate_response(
+        &self,
+        body: &[u8],
+        model: &str,
+    ) -> Result<(Option<Vec<u8>>, Option<Usage>), ApiError> {
         match self {
-            Provider::OpenAiCompatible => crate::usage::usage_from_body(body),
+            Provider::OpenAiCompatible => Ok((None, crate::usage::usage_from_body(body))),
+            Provider::Anthropic => {
+                anthropic::translate_response(body, model).map(|(b, u)| (Some(b), u))
+            }
         }
     }
 
-    /// An incremental decoder for a streamed response.
-    pub fn stream_decoder(&self, injected_stream_usage: bool) -> SseUsageScanner {
+    /// An incremental decoder for a streamed response. `injected_stream_usage`: Sluice asked
+    /// for usage itself; `client_wants_usage`: the client asked for it.
+    pub fn stream_decoder(
+        &self,
+        injected_stream_usage: bool,
+        client_wants_usage: bool,
+        model: &str,
+    ) -> StreamDecoder {
         match self {
-            Provider::OpenAiCompatible => SseUsageScanner::new(injected_stream_usage),
+            Provider::OpenAiCompatible => {
+                StreamDecoder::OpenAi(SseUsageScanner::new(injected_stream_usage))
+            }
+            Provider::Anthropic => StreamDecoder::Anthropic(Box::new(
+                anthropic::AnthropicStream::new(model, client_wants_usage),
+            )),
         }
     }
 
     /// What an error response means for routing.
     pub fn classify_error(&self, status: u16, body: &[u8]) -> FailureKind {
         match self {
-            Provider::OpenAiCompatible => crate::classify::classify_status(status, body),
+            // 529 is Anthropic's "overloaded": a server error like 503.
+            Provider::Anthropic if status == 529 => FailureKind::Server,
+            _ => crate::classify::classify_status(status, body),
         }
     }
 }

@@ -427,6 +427,8 @@ enum Endpoint {
     Score,
     Rerank,
     Tokenize,
+    /// Anthropic's Messages API (`/v1/messages`).
+    Messages,
 }
 
 impl Endpoint {
@@ -438,6 +440,7 @@ impl Endpoint {
             "/score" => Endpoint::Score,
             "/rerank" => Endpoint::Rerank,
             "/tokenize" => Endpoint::Tokenize,
+            "/messages" => Endpoint::Messages,
             _ => return None,
         })
     }
@@ -614,6 +617,8 @@ async fn inference(
     let streaming = req.json_field("stream").and_then(Value::as_bool) == Some(true);
     let model = req.model.unwrap_or("");
     match ep {
+        Endpoint::Messages if streaming => anthropic_sse(mock, req, &script, in_flight),
+        Endpoint::Messages => json_response(StatusCode::OK, &anthropic_message(mock, req)),
         Endpoint::Chat | Endpoint::Completions if streaming => {
             sse(mock, req, ep, &script, in_flight)
         }
@@ -902,6 +907,128 @@ fn sse(
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// What an Anthropic answer holds: text, and a tool call when the request offers tools and the
+/// model name says `tool` (or forces a tool with `tool_choice`).
+fn anthropic_plan(mock: &Mock, req: &RequestInfo<'_>) -> (String, Option<(String, Value)>) {
+    let text = format!("{} received {} bytes", mock.name, req.body.len());
+    let forced = req
+        .json_field("tool_choice")
+        .filter(|c| c["type"] == "tool")
+        .and_then(|c| c["name"].as_str().map(str::to_owned));
+    let first_tool = req
+        .json_field("tools")
+        .and_then(|t| t.get(0))
+        .and_then(|t| t["name"].as_str().map(str::to_owned));
+    let tool = forced.or(first_tool.filter(|_| req.model.unwrap_or("").contains("tool")));
+    let call = tool.map(|name| {
+        let input = if name == "json_tool_call" {
+            json!({"answer": 42})
+        } else {
+            json!({"location": "Paris", "unit": "celsius"})
+        };
+        (name, input)
+    });
+    (text, call)
+}
+
+fn anthropic_usage(req: &RequestInfo<'_>, output: u64) -> Value {
+    let cached = if req.model.unwrap_or("").contains("cache") {
+        3
+    } else {
+        0
+    };
+    json!({"input_tokens": req.prompt_tokens(), "output_tokens": output,
+           "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached})
+}
+
+fn anthropic_message(mock: &Mock, req: &RequestInfo<'_>) -> Value {
+    let (text, call) = anthropic_plan(mock, req);
+    let mut content = vec![json!({"type": "text", "text": text})];
+    if let Some((name, input)) = &call {
+        content
+            .push(json!({"type": "tool_use", "id": "toolu_mock_1", "name": name, "input": input}));
+    }
+    json!({
+        "id": format!("msg_{}_{}", mock.name, mock.next_id()),
+        "type": "message",
+        "role": "assistant",
+        "model": req.model,
+        "content": content,
+        "stop_reason": if call.is_some() { "tool_use" } else { "end_turn" },
+        "stop_sequence": null,
+        "usage": anthropic_usage(req, 5),
+    })
+}
+
+/// Anthropic's typed SSE: message_start, content blocks with deltas, message_delta, message_stop.
+fn anthropic_sse(
+    mock: &Arc<Mock>,
+    req: &RequestInfo<'_>,
+    script: &Script,
+    in_flight: InFlight,
+) -> Response {
+    let (_, call) = anthropic_plan(mock, req);
+    let delay = Duration::from_millis(script.delay_ms);
+    let event =
+        |name: &str, v: Value| Step::Chunk(Bytes::from(format!("event: {name}\ndata: {v}\n\n")));
+    let mut usage = anthropic_usage(req, 1);
+    let mut steps = vec![(
+        Duration::ZERO,
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": {
+            "id": format!("msg_{}_{}", mock.name, mock.next_id()), "type": "message", "role": "assistant",
+            "model": req.model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": usage}}),
+        ),
+    )];
+    steps.push((Duration::ZERO, event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))));
+    steps.push((Duration::ZERO, event("ping", json!({"type": "ping"}))));
+    for i in 0..script.chunks {
+        if script.drop_mid_stream && i == 2 {
+            steps.push((delay, Step::Abort));
+            break;
+        }
+        steps.push((delay, event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": format!("tok{i} ")}}))));
+    }
+    steps.push((
+        Duration::ZERO,
+        event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+    ));
+    if let Some((name, input)) = &call {
+        steps.push((Duration::ZERO, event("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_mock_1", "name": name, "input": {}}}))));
+        let json = input.to_string();
+        let (a, b) = json.split_at(json.len() / 2);
+        for part in [a, b] {
+            steps.push((delay, event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": part}}))));
+        }
+        steps.push((
+            Duration::ZERO,
+            event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 1}),
+            ),
+        ));
+    }
+    usage["output_tokens"] = json!(script.chunks);
+    steps.push((Duration::ZERO, event("message_delta", json!({"type": "message_delta",
+        "delta": {"stop_reason": if call.is_some() { "tool_use" } else { "end_turn" }, "stop_sequence": null},
+        "usage": {"output_tokens": script.chunks}}))));
+    steps.push((
+        Duration::ZERO,
+        event("message_stop", json!({"type": "message_stop"})),
+    ));
+    let guard = StreamGuard::new(mock, in_flight);
+    let mut resp = Response::new(step_body(steps, guard));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     resp
 }
 

@@ -1,0 +1,179 @@
+//! Golden tests against Anthropic's documented wire formats (fixtures in `filters/fixtures/anthropic`).
+
+use super::*;
+use std::path::Path;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/anthropic");
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(FIXTURES).join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn json_fixture(name: &str) -> Value {
+    serde_json::from_slice(&fixture(name)).unwrap()
+}
+
+fn deployment(extra: &str) -> Deployment {
+    let c = sluice_config::parse_config(
+        &format!("model_list:\n  - {{model_name: claude, litellm_params: {{model: anthropic/claude-3-5-sonnet-20241022, api_key: sk-ant-test{extra}}}}}\n"),
+        Path::new("t.yaml"),
+    )
+    .unwrap();
+    c.deployments[0].clone()
+}
+
+fn build(body: &[u8], opts: CallOptions) -> Result<UpstreamRequest, ApiError> {
+    let d = deployment("");
+    let mut b = RequestBody::parse(body).unwrap();
+    let stream = b.bool_field("stream").unwrap().unwrap_or(false);
+    build_request(
+        Operation::ChatCompletions,
+        &mut b,
+        &d,
+        "claude-3-5-sonnet-20241022",
+        stream,
+        &opts,
+    )
+}
+
+#[test]
+fn request_translation_matches_golden() {
+    let req = build(&fixture("chat_tools.in.json"), CallOptions::default()).unwrap();
+    assert_eq!(req.path, "/v1/messages");
+    assert!(req
+        .headers
+        .contains(&("x-api-key".into(), "sk-ant-test".into())));
+    assert!(req
+        .headers
+        .contains(&("anthropic-version".into(), "2023-06-01".into())));
+    let got: Value = serde_json::from_slice(&req.body).unwrap();
+    assert_eq!(got, json_fixture("chat_tools.out.json"));
+}
+
+#[test]
+fn max_tokens_defaults_and_unsupported_params() {
+    let req = build(
+        br#"{"model":"c","messages":[{"role":"user","content":"hi"}]}"#,
+        CallOptions::default(),
+    )
+    .unwrap();
+    let got: Value = serde_json::from_slice(&req.body).unwrap();
+    assert_eq!(got["max_tokens"], DEFAULT_MAX_TOKENS);
+    assert!(got.get("system").is_none());
+
+    let body = br#"{"model":"c","messages":[{"role":"user","content":"hi"}],"presence_penalty":0.5,"seed":1}"#;
+    let e = build(body, CallOptions::default()).unwrap_err();
+    assert_eq!(e.status, 400);
+    assert!(
+        e.message
+            .contains("anthropic does not support parameters: ['presence_penalty', 'seed']"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("drop_params"));
+    let req = build(body, CallOptions { drop_params: true }).unwrap();
+    let got: Value = serde_json::from_slice(&req.body).unwrap();
+    assert!(got.get("presence_penalty").is_none() && got.get("seed").is_none());
+}
+
+#[test]
+fn response_translation_matches_golden() {
+    let (body, usage) = translate_response(
+        &fixture("response_tool_use.json"),
+        "claude-3-5-sonnet-20241022",
+    )
+    .unwrap();
+    let mut got: Value = serde_json::from_slice(&body).unwrap();
+    assert!(got["created"].as_u64().unwrap() > 0);
+    got.as_object_mut().unwrap().remove("created");
+    assert_eq!(got, json_fixture("response_tool_use.out.json"));
+    let u = usage.unwrap();
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+        (582, 89, 671)
+    );
+}
+
+#[test]
+fn response_format_uses_a_forced_tool_and_returns_its_input_as_content() {
+    let req = build(
+        br#"{"model":"c","messages":[{"role":"user","content":"json please"}],"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object","properties":{"answer":{"type":"integer"}}}}}}"#,
+        CallOptions::default(),
+    )
+    .unwrap();
+    let got: Value = serde_json::from_slice(&req.body).unwrap();
+    assert_eq!(
+        got["tool_choice"],
+        json!({"type": "tool", "name": "json_tool_call"})
+    );
+    assert_eq!(
+        got["tools"][0]["input_schema"]["properties"]["answer"]["type"],
+        "integer"
+    );
+    let resp = br#"{"id":"msg_1","content":[{"type":"tool_use","id":"t","name":"json_tool_call","input":{"answer":42}}],"stop_reason":"tool_use","usage":{"input_tokens":5,"output_tokens":3}}"#;
+    let (body, _) = translate_response(resp, "m").unwrap();
+    let got: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(got["choices"][0]["message"]["content"], "{\"answer\":42}");
+    assert!(got["choices"][0]["message"].get("tool_calls").is_none());
+    assert_eq!(got["choices"][0]["finish_reason"], "stop");
+}
+
+/// Runs the stream decoder over `input` cut into `splits`-sized pieces.
+fn decode(input: &[u8], split: usize, include_usage: bool) -> (Vec<Value>, Option<Usage>) {
+    let mut d = AnthropicStream::new("claude-3-5-sonnet-20241022", include_usage);
+    let mut out = vec![];
+    for chunk in input.chunks(split) {
+        d.feed(chunk, &mut out);
+    }
+    d.finish(&mut out);
+    let text = String::from_utf8(out).unwrap();
+    let events = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let data = e.strip_prefix("data: ").expect("data events only");
+            if data == "[DONE]" {
+                return json!("[DONE]");
+            }
+            let v: Value = serde_json::from_str(data).unwrap();
+            assert_eq!(v["id"], "msg_014p7gG3wDgGV9EUtLvnow3U");
+            assert_eq!(v["object"], "chat.completion.chunk");
+            match v["choices"].as_array().unwrap().first() {
+                Some(c) => json!([c["delta"], c["finish_reason"]]),
+                None => json!(["usage", {
+                    "prompt_tokens": v["usage"]["prompt_tokens"],
+                    "completion_tokens": v["usage"]["completion_tokens"],
+                    "total_tokens": v["usage"]["total_tokens"],
+                }]),
+            }
+        })
+        .collect();
+    (events, d.usage())
+}
+
+#[test]
+fn stream_decoding_matches_golden_for_any_split() {
+    let input = fixture("stream_tool_use.sse");
+    let expected = json_fixture("stream_tool_use.out.json");
+    for split in [1, 2, 3, 5, 7, 16, 61, 200, input.len()] {
+        let (events, usage) = decode(&input, split, true);
+        assert_eq!(Value::Array(events), expected, "split {split}");
+        assert_eq!(usage.unwrap().total_tokens, 561);
+    }
+    // Without include_usage the usage chunk is not sent, but usage is still captured.
+    let (events, usage) = decode(&input, 13, false);
+    assert!(!events.iter().any(|e| e[0] == "usage"));
+    assert_eq!(usage.unwrap().completion_tokens, 89);
+}
+
+#[test]
+fn stream_error_event_is_reported_in_band() {
+    let input = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_014p7gG3wDgGV9EUtLvnow3U\",\"usage\":{\"input_tokens\":1,\"output_tokens\":1}}}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+    let mut d = AnthropicStream::new("m", false);
+    let mut out = vec![];
+    d.feed(input, &mut out);
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("\"error\""), "{text}");
+    assert!(text.contains("Overloaded"));
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}
