@@ -3,6 +3,8 @@
 //! only ever calls these methods, so new formats slot in here without touching it.
 
 pub mod anthropic;
+pub mod bedrock;
+pub mod gemini;
 mod openai;
 
 use sluice_config::{Deployment, WireFormat};
