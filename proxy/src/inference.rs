@@ -630,17 +630,19 @@ async fn attempt(
         return failure(kind, Some(status), upstream_message(&err_body), retry_after);
     }
 
-    let is_sse = resp
+    // A stream comes as SSE, NDJSON (Ollama) or AWS event-stream frames (Bedrock); a server
+    // that ignored `stream: true` answers plain JSON, which is forwarded whole.
+    let streamed = !resp
         .header
         .headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+        .is_some_and(|v| v.starts_with("application/json"));
     let mut extra = attempt_headers(attempts, app);
     extra.push(("x-litellm-model-id", c.id.clone()));
     extra.push(("x-litellm-model-api-base", plan.target.display_base()));
     extra.push(("x-litellm-model-group", c.model_name.clone()));
-    let served = if stream && is_sse {
+    let served = if stream && streamed {
         stream_response(
             app,
             session,
@@ -649,6 +651,7 @@ async fn attempt(
             &plan,
             resp,
             plan.provider.stream_decoder(
+                op,
                 req.injected_stream_usage,
                 body.wants_stream_usage(),
                 &plan.upstream_model,
@@ -658,7 +661,7 @@ async fn attempt(
         )
         .await
     } else {
-        whole_response(app, session, ctx, picked, &plan, resp, sent, extra).await
+        whole_response(app, session, ctx, picked, &plan, op, resp, sent, extra).await
     };
     match served {
         Ok(o) => o,
@@ -775,6 +778,7 @@ async fn whole_response(
     ctx: &mut Ctx,
     picked: &Picked,
     plan: &Plan<'_>,
+    op: Operation,
     mut resp: OpenResponse,
     sent: Instant,
     extra: Vec<(&'static str, String)>,
@@ -790,7 +794,7 @@ async fn whole_response(
     app.upstream.release(resp).await;
     let (translated, usage) = plan
         .provider
-        .translate_response(&body, &plan.upstream_model)
+        .translate_response(op, &body, &plan.upstream_model)
         .map_err(|e| CallError::Protocol(e.message))?;
     let body = translated.map_or(body, Bytes::from);
     record_success(
@@ -801,7 +805,7 @@ async fn whole_response(
         usage,
         &picked.deployment.config.model_name,
     );
-    let content_type = (plan.provider != Provider::OpenAiCompatible).then_some("application/json");
+    let content_type = (!plan.provider.is_openai_native()).then_some("application/json");
     let h = client_header(ctx, &upstream_header, &extra, content_type);
     ctx.status = upstream_header.status.as_u16();
     if !respond::send(session, h, body).await {

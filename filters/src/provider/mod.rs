@@ -3,8 +3,12 @@
 //! only ever calls these methods, so new formats slot in here without touching it.
 
 pub mod anthropic;
+mod azure;
 pub mod bedrock;
+pub mod cohere;
 pub mod gemini;
+mod huggingface;
+pub mod ollama;
 mod openai;
 
 use sluice_config::{Deployment, WireFormat};
@@ -86,13 +90,19 @@ pub fn unsupported_params(provider: &str, model: &str, params: &[&str]) -> ApiEr
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provider {
     OpenAiCompatible,
+    Azure,
+    HuggingFace,
     Anthropic,
+    Ollama,
+    Cohere,
 }
 
 /// An incremental decoder from the provider's stream to OpenAI SSE.
 pub enum StreamDecoder {
     OpenAi(SseUsageScanner),
     Anthropic(Box<anthropic::AnthropicStream>),
+    Ollama(Box<ollama::OllamaStream>),
+    Cohere(Box<cohere::CohereStream>),
 }
 
 impl StreamDecoder {
@@ -101,6 +111,8 @@ impl StreamDecoder {
         match self {
             StreamDecoder::OpenAi(s) => s.feed(chunk, out),
             StreamDecoder::Anthropic(s) => s.feed(chunk, out),
+            StreamDecoder::Ollama(s) => s.feed(chunk, out),
+            StreamDecoder::Cohere(s) => s.feed(chunk, out),
         }
     }
 
@@ -109,6 +121,8 @@ impl StreamDecoder {
         match self {
             StreamDecoder::OpenAi(s) => s.finish(out),
             StreamDecoder::Anthropic(s) => s.finish(out),
+            StreamDecoder::Ollama(s) => s.finish(out),
+            StreamDecoder::Cohere(s) => s.finish(out),
         }
     }
 
@@ -116,6 +130,8 @@ impl StreamDecoder {
         match self {
             StreamDecoder::OpenAi(s) => s.usage(),
             StreamDecoder::Anthropic(s) => s.usage(),
+            StreamDecoder::Ollama(s) => s.usage(),
+            StreamDecoder::Cohere(s) => s.usage(),
         }
     }
 }
@@ -125,7 +141,11 @@ impl Provider {
     pub fn for_deployment(d: &Deployment) -> Result<Provider, ApiError> {
         match d.provider.wire_format() {
             WireFormat::OpenAi => Ok(Provider::OpenAiCompatible),
+            WireFormat::Azure => Ok(Provider::Azure),
+            WireFormat::HuggingFace => Ok(Provider::HuggingFace),
             WireFormat::Anthropic => Ok(Provider::Anthropic),
+            WireFormat::Ollama => Ok(Provider::Ollama),
+            WireFormat::Cohere => Ok(Provider::Cohere),
             other => Err(ApiError::new(
                 501,
                 "not_implemented_error",
@@ -152,6 +172,12 @@ impl Provider {
             Provider::OpenAiCompatible => {
                 openai::build_request(op, body, d, upstream_model, stream)
             }
+            Provider::Azure => azure::build_request(op, body, d, upstream_model, stream),
+            Provider::HuggingFace => {
+                huggingface::build_request(op, body, d, upstream_model, stream)
+            }
+            Provider::Ollama => ollama::build_request(op, body, d, upstream_model, stream, opts),
+            Provider::Cohere => cohere::build_request(op, body, d, upstream_model, stream, opts),
             Provider::Anthropic => {
                 anthropic::build_request(op, body, d, upstream_model, stream, opts)
             }
@@ -162,29 +188,51 @@ impl Provider {
     /// `model` is the name the client asked for.
     pub fn translate_response(
         &self,
+        op: Operation,
         body: &[u8],
         model: &str,
     ) -> Result<(Option<Vec<u8>>, Option<Usage>), ApiError> {
-        match self {
-            Provider::OpenAiCompatible => Ok((None, crate::usage::usage_from_body(body))),
-            Provider::Anthropic => {
-                anthropic::translate_response(body, model).map(|(b, u)| (Some(b), u))
+        let translated = match self {
+            Provider::OpenAiCompatible | Provider::Azure | Provider::HuggingFace => {
+                return Ok((None, crate::usage::usage_from_body(body)))
             }
-        }
+            Provider::Anthropic => anthropic::translate_response(body, model),
+            Provider::Ollama => ollama::translate_response(op, body, model),
+            Provider::Cohere => cohere::translate_response(op, body, model),
+        };
+        translated.map(|(b, u)| (Some(b), u))
+    }
+
+    /// True when responses are the upstream's own OpenAI-shaped bytes.
+    pub fn is_openai_native(&self) -> bool {
+        matches!(
+            self,
+            Provider::OpenAiCompatible | Provider::Azure | Provider::HuggingFace
+        )
     }
 
     /// An incremental decoder for a streamed response. `injected_stream_usage`: Sluice asked
     /// for usage itself; `client_wants_usage`: the client asked for it.
     pub fn stream_decoder(
         &self,
+        op: Operation,
         injected_stream_usage: bool,
         client_wants_usage: bool,
         model: &str,
     ) -> StreamDecoder {
         match self {
-            Provider::OpenAiCompatible => {
+            Provider::OpenAiCompatible | Provider::Azure | Provider::HuggingFace => {
                 StreamDecoder::OpenAi(SseUsageScanner::new(injected_stream_usage))
             }
+            Provider::Ollama => StreamDecoder::Ollama(Box::new(ollama::OllamaStream::new(
+                model,
+                client_wants_usage,
+                op == Operation::ChatCompletions,
+            ))),
+            Provider::Cohere => StreamDecoder::Cohere(Box::new(cohere::CohereStream::new(
+                model,
+                client_wants_usage,
+            ))),
             Provider::Anthropic => StreamDecoder::Anthropic(Box::new(
                 anthropic::AnthropicStream::new(model, client_wants_usage),
             )),

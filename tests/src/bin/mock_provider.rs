@@ -429,6 +429,12 @@ enum Endpoint {
     Tokenize,
     /// Anthropic's Messages API (`/v1/messages`).
     Messages,
+    /// Ollama's `/api/chat` and `/api/embed`.
+    OllamaChat,
+    OllamaEmbed,
+    /// Cohere's `/v2/chat` and `/v2/embed`.
+    CohereChat,
+    CohereEmbed,
 }
 
 impl Endpoint {
@@ -505,7 +511,28 @@ async fn handle(State(mock): State<Arc<Mock>>, req: Request) -> Response {
     resp
 }
 
+/// Provider-specific paths that do not follow the OpenAI layout.
+fn provider_endpoint(path: &str) -> Option<Endpoint> {
+    // Azure: /openai/deployments/{deployment}/chat/completions?api-version=...
+    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        let (_, tail) = rest.split_once('/')?;
+        return Endpoint::from_path(&format!("/{tail}"));
+    }
+    Some(match path {
+        "/api/chat" => Endpoint::OllamaChat,
+        "/api/embed" => Endpoint::OllamaEmbed,
+        "/v2/chat" => Endpoint::CohereChat,
+        "/v2/embed" => Endpoint::CohereEmbed,
+        _ => return None,
+    })
+}
+
 async fn route(mock: &Arc<Mock>, req: &RequestInfo<'_>, in_flight: InFlight) -> Response {
+    if req.method == Method::POST {
+        if let Some(ep) = provider_endpoint(req.path) {
+            return inference(mock, req, ep, in_flight).await;
+        }
+    }
     // `/v1/x` and `/x` are the same route; vLLM's reranker also answers on `/v2/rerank`.
     let path = req
         .path
@@ -619,6 +646,42 @@ async fn inference(
     match ep {
         Endpoint::Messages if streaming => anthropic_sse(mock, req, &script, in_flight),
         Endpoint::Messages => json_response(StatusCode::OK, &anthropic_message(mock, req)),
+        Endpoint::OllamaChat => ollama_chat(mock, req, &script, streaming, in_flight),
+        Endpoint::OllamaEmbed => {
+            let n = req
+                .json_field("input")
+                .and_then(Value::as_array)
+                .map_or(1, Vec::len);
+            json_response(
+                StatusCode::OK,
+                &json!({"model": model,
+                "embeddings": (0..n).map(|i| vec![i as f64, 0.5, 0.25]).collect::<Vec<_>>(),
+                "prompt_eval_count": req.prompt_tokens()}),
+            )
+        }
+        Endpoint::CohereChat => json_response(
+            StatusCode::OK,
+            &json!({
+                "id": format!("cohere-{}-{}", mock.name, mock.next_id()),
+                "finish_reason": "COMPLETE",
+                "message": {"role": "assistant", "content": [{"type": "text",
+                    "text": format!("{} received {} bytes", mock.name, req.body.len())}]},
+                "usage": {"billed_units": {"input_tokens": 3, "output_tokens": 5},
+                          "tokens": {"input_tokens": req.prompt_tokens(), "output_tokens": 5}},
+            }),
+        ),
+        Endpoint::CohereEmbed => {
+            let n = req
+                .json_field("texts")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            json_response(
+                StatusCode::OK,
+                &json!({"id": "e", "texts": req.json_field("texts"),
+                "embeddings": {"float": (0..n).map(|i| vec![i as f64, 1.0]).collect::<Vec<_>>()},
+                "meta": {"billed_units": {"input_tokens": 7}}}),
+            )
+        }
         Endpoint::Chat | Endpoint::Completions if streaming => {
             sse(mock, req, ep, &script, in_flight)
         }
@@ -907,6 +970,57 @@ fn sse(
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Ollama's `/api/chat`: one JSON object, or NDJSON lines when `stream` is not false (Ollama
+/// streams by default).
+fn ollama_chat(
+    mock: &Arc<Mock>,
+    req: &RequestInfo<'_>,
+    script: &Script,
+    streaming_flag: bool,
+    in_flight: InFlight,
+) -> Response {
+    let streaming = streaming_flag || req.json_field("stream").is_none();
+    let p = req.prompt_tokens();
+    let model = req.model.unwrap_or("");
+    if !streaming {
+        return json_response(
+            StatusCode::OK,
+            &json!({"model": model, "created_at": "2024-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": format!("{} received {} bytes", mock.name, req.body.len())},
+            "done": true, "done_reason": "stop", "prompt_eval_count": p, "eval_count": 5}),
+        );
+    }
+    let delay = Duration::from_millis(script.delay_ms);
+    let mut steps: Vec<(Duration, Step)> = (0..script.chunks)
+        .map(|i| {
+            (
+                delay,
+                Step::Chunk(Bytes::from(format!(
+                    "{}\n",
+                    json!({"model": model,
+            "message": {"role": "assistant", "content": format!("tok{i} ")}, "done": false})
+                ))),
+            )
+        })
+        .collect();
+    steps.push((
+        Duration::ZERO,
+        Step::Chunk(Bytes::from(format!(
+            "{}\n",
+            json!({"model": model,
+        "message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "stop",
+        "prompt_eval_count": p, "eval_count": script.chunks})
+        ))),
+    ));
+    let guard = StreamGuard::new(mock, in_flight);
+    let mut resp = Response::new(step_body(steps, guard));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
     resp
 }
 

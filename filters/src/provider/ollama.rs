@@ -1,0 +1,463 @@
+//! Ollama's native API: `/api/chat` for chat (both `ollama/` and `ollama_chat/`), `/api/generate`
+//! for text completions, `/api/embed` for embeddings. Sampling parameters go under `options`;
+//! streams are NDJSON, one object per line, the last with `done: true` and the token counts.
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sluice_config::Deployment;
+
+use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
+use crate::body::RequestBody;
+use crate::error::ApiError;
+use crate::usage::Usage;
+
+const UNSUPPORTED: &[&str] = &["logit_bias", "logprobs", "top_logprobs", "n", "parallel_tool_calls"];
+
+fn raw_value(body: &RequestBody<'_>, key: &str) -> Result<Option<Value>, ApiError> {
+    match body.raw(key) {
+        None | Some("null") => Ok(None),
+        Some(raw) => serde_json::from_str(raw)
+            .map(Some)
+            .map_err(|e| ApiError::bad_request(format!("`{key}`: {e}")).with_param(key)),
+    }
+}
+
+/// OpenAI message content as Ollama's text plus base64 images.
+fn flatten_content(content: &Value) -> (String, Vec<String>) {
+    match content {
+        Value::String(s) => (s.clone(), vec![]),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            let mut images = vec![];
+            for p in parts {
+                match p["type"].as_str() {
+                    Some("text") => text.push_str(p["text"].as_str().unwrap_or("")),
+                    Some("image_url") => {
+                        let url = p.pointer("/image_url/url").and_then(Value::as_str).unwrap_or("");
+                        if let Some((_, data)) = url.split_once(";base64,") {
+                            images.push(data.to_string());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            (text, images)
+        }
+        _ => (String::new(), vec![]),
+    }
+}
+
+pub(super) fn build_request(
+    op: Operation,
+    body: &mut RequestBody<'_>,
+    d: &Deployment,
+    upstream_model: &str,
+    stream: bool,
+    opts: &CallOptions,
+) -> Result<UpstreamRequest, ApiError> {
+    for (k, v) in &d.default_params {
+        body.set_default(k, v.to_string());
+    }
+    let mut out = Map::new();
+    out.insert("model".into(), json!(upstream_model));
+    if op == Operation::Embeddings {
+        let input = raw_value(body, "input")?.unwrap_or(Value::Null);
+        out.insert("input".into(), input);
+        return Ok(finish(d, "/api/embed", out));
+    }
+    let unsupported: Vec<&str> = UNSUPPORTED
+        .iter()
+        .copied()
+        .filter(|p| body.contains(p) && !(*p == "n" && body.raw("n") == Some("1")))
+        .collect();
+    if !unsupported.is_empty() && !opts.drop_params {
+        return Err(unsupported_params("ollama", upstream_model, &unsupported));
+    }
+    // Ollama streams unless told otherwise.
+    out.insert("stream".into(), json!(stream));
+    let mut options = Map::new();
+    for (from, to) in [
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("top_k", "top_k"),
+        ("seed", "seed"),
+        ("frequency_penalty", "frequency_penalty"),
+        ("presence_penalty", "presence_penalty"),
+        ("repetition_penalty", "repeat_penalty"),
+        ("max_tokens", "num_predict"),
+        ("max_completion_tokens", "num_predict"),
+        ("num_ctx", "num_ctx"),
+    ] {
+        if let Some(v) = raw_value(body, from)? {
+            options.insert(to.into(), v);
+        }
+    }
+    if let Some(stop) = raw_value(body, "stop")? {
+        options.insert("stop".into(), if stop.is_string() { json!([stop]) } else { stop });
+    }
+    if !options.is_empty() {
+        out.insert("options".into(), Value::Object(options));
+    }
+    if let Some(f) = raw_value(body, "response_format")? {
+        match f["type"].as_str() {
+            Some("json_object") => {
+                out.insert("format".into(), json!("json"));
+            }
+            Some("json_schema") => {
+                out.insert("format".into(), f.pointer("/json_schema/schema").cloned().unwrap_or(json!("json")));
+            }
+            _ => {}
+        }
+    }
+    let path = if op == Operation::Completions {
+        let prompt = match raw_value(body, "prompt")? {
+            Some(Value::String(s)) => s,
+            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or("").to_string(),
+            other => return Err(ApiError::bad_request(format!("ollama takes one string prompt, got {}", other.unwrap_or(Value::Null))).with_param("prompt")),
+        };
+        out.insert("prompt".into(), json!(prompt));
+        "/api/generate"
+    } else {
+        let messages: Vec<Value> = raw_value(body, "messages")?
+            .and_then(|m| m.as_array().cloned())
+            .unwrap_or_default();
+        let converted: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                let (text, images) = flatten_content(&m["content"]);
+                let mut o = json!({"role": m["role"], "content": text});
+                if !images.is_empty() {
+                    o["images"] = json!(images);
+                }
+                if let Some(calls) = m["tool_calls"].as_array() {
+                    // Ollama takes arguments as an object, not a JSON string.
+                    let calls: Vec<Value> = calls
+                        .iter()
+                        .map(|c| {
+                            let args = c.pointer("/function/arguments").and_then(Value::as_str)
+                                .and_then(|a| serde_json::from_str::<Value>(a).ok())
+                                .unwrap_or_else(|| json!({}));
+                            json!({"function": {"name": c.pointer("/function/name"), "arguments": args}})
+                        })
+                        .collect();
+                    o["tool_calls"] = json!(calls);
+                }
+                o
+            })
+            .collect();
+        out.insert("messages".into(), json!(converted));
+        if let Some(tools) = raw_value(body, "tools")? {
+            out.insert("tools".into(), tools);
+        }
+        "/api/chat"
+    };
+    Ok(finish(d, path, out))
+}
+
+fn finish(d: &Deployment, path: &str, body: Map<String, Value>) -> UpstreamRequest {
+    let mut headers = vec![];
+    if let Some(k) = &d.api_key {
+        headers.push(("authorization".to_string(), format!("Bearer {k}")));
+    }
+    headers.extend(d.extra_headers.iter().cloned());
+    UpstreamRequest {
+        path: path.into(),
+        headers,
+        body: serde_json::to_vec(&Value::Object(body)).expect("json serializes"),
+        injected_stream_usage: false,
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct OllamaReply {
+    #[serde(default)]
+    message: Option<Value>,
+    #[serde(default)]
+    response: Option<String>,
+    #[serde(default)]
+    done: bool,
+    #[serde(default)]
+    done_reason: Option<String>,
+    #[serde(default)]
+    prompt_eval_count: u64,
+    #[serde(default)]
+    eval_count: u64,
+    #[serde(default)]
+    embeddings: Option<Vec<Vec<f64>>>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+fn usage_of(r: &OllamaReply) -> Usage {
+    Usage {
+        prompt_tokens: r.prompt_eval_count,
+        completion_tokens: r.eval_count,
+        total_tokens: r.prompt_eval_count + r.eval_count,
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
+}
+
+fn tool_calls(message: &Value) -> Vec<Value> {
+    message["tool_calls"]
+        .as_array()
+        .map(|calls| {
+            calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    json!({
+                        "id": format!("call_{i}"),
+                        "type": "function",
+                        "function": {
+                            "name": c.pointer("/function/name"),
+                            "arguments": c.pointer("/function/arguments").map(|a| if a.is_string() { a.as_str().unwrap_or("").to_string() } else { a.to_string() }).unwrap_or_default(),
+                        },
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn finish_reason(r: &OllamaReply, has_tools: bool) -> &'static str {
+    if has_tools {
+        return "tool_calls";
+    }
+    match r.done_reason.as_deref() {
+        Some("length") => "length",
+        _ => "stop",
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(super) fn translate_response(op: Operation, body: &[u8], model: &str) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    let r: OllamaReply = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(502, "internal_server_error", format!("litellm.APIError: OllamaException - malformed response: {e}"))
+    })?;
+    let usage = usage_of(&r);
+    let out = match op {
+        Operation::Embeddings => {
+            let data: Vec<Value> = r
+                .embeddings
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| json!({"object": "embedding", "index": i, "embedding": e}))
+                .collect();
+            json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}})
+        }
+        Operation::Completions => json!({
+            "id": format!("cmpl-{}", now()),
+            "object": "text_completion",
+            "created": now(),
+            "model": model,
+            "choices": [{"index": 0, "text": r.response.clone().unwrap_or_default(), "logprobs": null, "finish_reason": finish_reason(&r, false)}],
+            "usage": usage_json(&usage),
+        }),
+        Operation::ChatCompletions => {
+            let message = r.message.clone().unwrap_or_else(|| json!({}));
+            let calls = tool_calls(&message);
+            let mut m = json!({"role": "assistant", "content": message["content"].as_str().unwrap_or("")});
+            if !calls.is_empty() {
+                m["tool_calls"] = json!(calls);
+            }
+            json!({
+                "id": format!("chatcmpl-{}", now()),
+                "object": "chat.completion",
+                "created": now(),
+                "model": model,
+                "choices": [{"index": 0, "message": m, "finish_reason": finish_reason(&r, !calls.is_empty())}],
+                "usage": usage_json(&usage),
+            })
+        }
+    };
+    Ok((serde_json::to_vec(&out).expect("json serializes"), Some(usage)))
+}
+
+/// NDJSON → OpenAI chunks, for any chunking of the input.
+#[derive(Default)]
+pub struct OllamaStream {
+    pending: Vec<u8>,
+    model: String,
+    created: u64,
+    id: String,
+    chat: bool,
+    include_usage: bool,
+    started: bool,
+    usage: Option<Usage>,
+    finished: bool,
+}
+
+impl OllamaStream {
+    pub fn new(model: &str, include_usage: bool, chat: bool) -> Self {
+        let created = now();
+        OllamaStream {
+            model: model.to_string(),
+            created,
+            id: format!("chatcmpl-ollama-{created}"),
+            chat,
+            include_usage,
+            ..Default::default()
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        self.pending.extend_from_slice(chunk);
+        while let Some(end) = memchr::memchr(b'\n', &self.pending) {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            self.line(&line, out);
+        }
+    }
+
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        let rest = std::mem::take(&mut self.pending);
+        self.line(&rest, out);
+        self.end(out);
+    }
+
+    fn emit(&self, choice: Value, out: &mut Vec<u8>) {
+        let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
+        let c = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]});
+        out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
+    }
+
+    fn line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        if line.iter().all(u8::is_ascii_whitespace) || self.finished {
+            return;
+        }
+        let Ok(r) = serde_json::from_slice::<OllamaReply>(line) else {
+            return;
+        };
+        if let Some(e) = &r.error {
+            let err = json!({"error": {"message": format!("litellm.APIError: OllamaException - {e}"), "type": "api_error", "param": null, "code": "500"}});
+            out.extend_from_slice(format!("data: {err}\n\n").as_bytes());
+            self.end(out);
+            return;
+        }
+        if self.chat {
+            if !self.started {
+                self.started = true;
+                self.emit(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}), out);
+            }
+            let message = r.message.clone().unwrap_or_else(|| json!({}));
+            if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
+                self.emit(json!({"index": 0, "delta": {"content": text}, "finish_reason": null}), out);
+            }
+            let calls = tool_calls(&message);
+            if !calls.is_empty() {
+                let indexed: Vec<Value> = calls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut c)| {
+                        c["index"] = json!(i);
+                        c
+                    })
+                    .collect();
+                self.emit(json!({"index": 0, "delta": {"tool_calls": indexed}, "finish_reason": null}), out);
+            }
+            if r.done {
+                let has_tools = message["tool_calls"].is_array();
+                self.emit(json!({"index": 0, "delta": {}, "finish_reason": finish_reason(&r, has_tools)}), out);
+            }
+        } else {
+            let text = r.response.clone().unwrap_or_default();
+            let finish = r.done.then(|| finish_reason(&r, false));
+            if !text.is_empty() || finish.is_some() {
+                self.emit(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}), out);
+            }
+        }
+        if r.done {
+            self.usage = Some(usage_of(&r));
+            self.end(out);
+        }
+    }
+
+    fn end(&mut self, out: &mut Vec<u8>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if self.include_usage {
+            if let Some(u) = self.usage {
+                let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
+                let c = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [], "usage": usage_json(&u)});
+                out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
+            }
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn deployment() -> Deployment {
+        sluice_config::parse_config("model_list: [{model_name: g, litellm_params: {model: ollama_chat/llama3}}]", Path::new("t.yaml"))
+            .unwrap()
+            .deployments[0]
+            .clone()
+    }
+
+    #[test]
+    fn chat_request_puts_sampling_under_options() {
+        let mut body = RequestBody::parse(br#"{"model":"g","messages":[{"role":"user","content":"hi"}],"temperature":0.1,"max_tokens":9,"stop":"x","response_format":{"type":"json_object"}}"#).unwrap();
+        let req = build_request(Operation::ChatCompletions, &mut body, &deployment(), "llama3", false, &CallOptions::default()).unwrap();
+        assert_eq!(req.path, "/api/chat");
+        let v: Value = serde_json::from_slice(&req.body).unwrap();
+        assert_eq!(v["stream"], false);
+        assert_eq!(v["options"], json!({"temperature": 0.1, "num_predict": 9, "stop": ["x"]}));
+        assert_eq!(v["format"], "json");
+        assert_eq!(v["messages"][0], json!({"role": "user", "content": "hi"}));
+    }
+
+    #[test]
+    fn response_and_ndjson_stream() {
+        let body = br#"{"model":"llama3","created_at":"2024-01-01T00:00:00Z","message":{"role":"assistant","content":"Hello!"},"done":true,"done_reason":"stop","prompt_eval_count":26,"eval_count":3}"#;
+        let (out, usage) = translate_response(Operation::ChatCompletions, body, "llama3").unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "Hello!");
+        assert_eq!(usage.unwrap().total_tokens, 29);
+
+        let stream = b"{\"message\":{\"role\":\"assistant\",\"content\":\"He\"},\"done\":false}\n{\"message\":{\"role\":\"assistant\",\"content\":\"llo\"},\"done\":false}\n{\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done\":true,\"done_reason\":\"stop\",\"prompt_eval_count\":4,\"eval_count\":2}\n";
+        let mut reference: Option<String> = None;
+        for split in 1..stream.len() {
+            let mut s = OllamaStream::new("llama3", true, true);
+            let mut out = vec![];
+            for c in stream.chunks(split) {
+                s.feed(c, &mut out);
+            }
+            s.finish(&mut out);
+            let text = String::from_utf8(out).unwrap();
+            let deltas: String = text
+                .split("\n\n")
+                .filter_map(|e| e.strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+                .collect();
+            assert_eq!(deltas, "Hello");
+            assert!(text.ends_with("data: [DONE]\n\n"));
+            assert!(text.contains("\"total_tokens\":6"));
+            let normalized = text.replace(&s.created.to_string(), "T");
+            match &reference {
+                None => reference = Some(normalized),
+                Some(r) => assert_eq!(r, &normalized, "split {split}"),
+            }
+        }
+    }
+}
