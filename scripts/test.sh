@@ -13,6 +13,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# The official Python SDKs are clients in the black-box tests.
+if ! python3 -c 'import anthropic, openai' >/dev/null 2>&1; then
+  python3 -m pip install -q --disable-pip-version-check anthropic openai
+fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

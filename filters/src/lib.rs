@@ -6,6 +6,7 @@ pub mod auth;
 pub mod body;
 pub mod classify;
 pub mod error;
+pub mod ingress;
 pub mod provider;
 pub mod route;
 pub mod sse;

@@ -16,6 +16,10 @@ pub enum Route {
     Readiness,
     Health,
     Metrics,
+    /// Anthropic-format ingress: `POST /v1/messages`.
+    AnthropicMessages,
+    /// `POST /v1/messages/count_tokens`.
+    AnthropicCountTokens,
     /// `/vllm/{rest}`: `rest` keeps its leading `/` and the query string.
     VllmPassthrough {
         rest: String,
@@ -54,6 +58,11 @@ pub fn classify(method: &str, path_and_query: &str) -> Route {
     let post = method.eq_ignore_ascii_case("POST");
     let get = method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD");
     if post {
+        match bare {
+            "/messages" => return Route::AnthropicMessages,
+            "/messages/count_tokens" => return Route::AnthropicCountTokens,
+            _ => {}
+        }
         if let Some(op) = op_for(bare) {
             return Route::Inference {
                 op,

@@ -27,6 +27,8 @@ pub struct Ctx {
     pub status: u16,
     /// Time spent waiting on upstreams (the rest is the gateway's own overhead).
     pub upstream_wait: Duration,
+    /// For Anthropic-format ingress (`/v1/messages`): the client's own request body.
+    pub ingress: Option<Bytes>,
     _active: crate::app::ActiveRequest,
 }
 
@@ -148,6 +150,19 @@ impl Gateway {
                 ctx.route = op.openai_path();
                 let principal = self.authenticate(session)?;
                 crate::inference::handle(app, session, ctx, &principal, op, path_model).await
+            }
+            Route::AnthropicMessages => {
+                ctx.route = "/v1/messages";
+                // Errors from here on are answered in Anthropic's shape.
+                ctx.ingress = Some(Bytes::new());
+                let principal = self.authenticate(session)?;
+                crate::inference::handle_anthropic_messages(app, session, ctx, &principal).await
+            }
+            Route::AnthropicCountTokens => {
+                ctx.route = "/v1/messages/count_tokens";
+                ctx.ingress = Some(Bytes::new());
+                self.authenticate(session)?;
+                crate::inference::handle_anthropic_count_tokens(app, session, ctx).await
             }
             Route::VllmPassthrough { rest } => {
                 ctx.route = "/vllm";
@@ -274,6 +289,7 @@ impl ProxyHttp for Gateway {
             requested_model: None,
             status: 0,
             upstream_wait: Duration::ZERO,
+            ingress: None,
             _active: crate::app::ActiveRequest::new(&self.app.active),
         }
     }
@@ -286,7 +302,7 @@ impl ProxyHttp for Gateway {
             } else {
                 tracing::debug!(call_id = %ctx.call_id, status = e.status, error = %e.message, "request refused");
             }
-            respond::send_error(session, &ctx.call_id, &e, &[]).await;
+            respond::send_error(session, &ctx.call_id, &e, &[], ctx.ingress.is_some()).await;
         }
         Ok(true)
     }

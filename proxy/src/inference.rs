@@ -13,7 +13,10 @@ use sluice_config::{split_model, Deployment};
 use sluice_filters::auth::Principal;
 use sluice_filters::body::RequestBody;
 use sluice_filters::classify::FailureKind;
-use sluice_filters::provider::{CallOptions, Operation, Provider, StreamDecoder};
+use sluice_filters::ingress::{anthropic_error_body, openai_to_message, OpenAiToAnthropicStream};
+use sluice_filters::provider::{
+    anthropic, bedrock, CallOptions, Operation, Provider, StreamDecoder,
+};
 use sluice_filters::usage::Usage;
 use sluice_filters::ApiError;
 
@@ -258,7 +261,146 @@ pub async fn handle(
     path_model: Option<String>,
 ) -> Result<(), ApiError> {
     let raw = read_body(session, app.max_request_bytes).await?;
-    let body = RequestBody::parse(&raw)?;
+    serve(app, session, ctx, principal, op, path_model, &raw).await
+}
+
+/// `POST /v1/messages` in Anthropic's format, served by any deployment.
+pub async fn handle_anthropic_messages(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    principal: &Principal,
+) -> Result<(), ApiError> {
+    let raw = read_body(session, app.max_request_bytes).await?;
+    let (openai, _) = sluice_filters::ingress::messages_to_openai(&raw)?;
+    ctx.ingress = Some(raw);
+    let openai = serde_json::to_vec(&openai).expect("json serializes");
+    serve(
+        app,
+        session,
+        ctx,
+        principal,
+        Operation::ChatCompletions,
+        None,
+        &openai,
+    )
+    .await
+}
+
+/// `POST /v1/messages/count_tokens`: asked of the deployment itself when it is Anthropic,
+/// else counted here with the cl100k tokenizer (what LiteLLM's counter falls back to).
+pub async fn handle_anthropic_count_tokens(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut Ctx,
+) -> Result<(), ApiError> {
+    let raw = read_body(session, app.max_request_bytes).await?;
+    let req: serde_json::Value = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: malformed JSON: {e}")))?;
+    let model = req["model"]
+        .as_str()
+        .ok_or_else(|| ApiError::bad_request("model: Field required").with_param("model"))?
+        .to_string();
+    ctx.requested_model = Some(model.clone());
+    let group = app.router.resolve(&model).ok_or_else(|| ApiError {
+        status: 404,
+        kind: "not_found_error",
+        ..ApiError::unknown_model(&model)
+    })?;
+    let anthropic_deployment = group
+        .deployments
+        .iter()
+        .find(|d| d.provider == Ok(Provider::Anthropic) && d.target.is_ok());
+    if let Some(d) = anthropic_deployment {
+        let p = plan(d, &model)?;
+        let mut native = native_anthropic_request(&raw, &p, session)?;
+        native.path = "/v1/messages/count_tokens".into();
+        let path = join_path(&p.target.path_prefix, &native.path);
+        let call = Call {
+            target: &p.target,
+            method: "POST",
+            path: &path,
+            headers: &native.headers,
+            body: Bytes::from(native.body),
+            timeout: p.deployment.call_timeout(false, &app.router.settings),
+        };
+        let sent = Instant::now();
+        let mut resp = app.upstream.send(&call).await.map_err(|e| {
+            ApiError::new(
+                502,
+                "internal_server_error",
+                format!("litellm.APIConnectionError: AnthropicException - {e}"),
+            )
+        })?;
+        let body = app
+            .upstream
+            .read_all(&mut resp, MAX_ERROR_BODY_BYTES)
+            .await
+            .map_err(|e| ApiError::new(502, "internal_server_error", e.to_string()))?;
+        ctx.upstream_wait += sent.elapsed();
+        let status = resp.header.status.as_u16();
+        app.upstream.release(resp).await;
+        ctx.status = status;
+        respond::send_json(session, status, &ctx.call_id, body, &[]).await;
+        return Ok(());
+    }
+    let tokens = count_message_tokens(&req);
+    ctx.status = 200;
+    respond::send_json(
+        session,
+        200,
+        &ctx.call_id,
+        serde_json::to_vec(&serde_json::json!({"input_tokens": tokens})).expect("json serializes"),
+        &[],
+    )
+    .await;
+    Ok(())
+}
+
+/// Tokens of the text an Anthropic request carries (system, messages, tool definitions).
+fn count_message_tokens(req: &serde_json::Value) -> usize {
+    fn texts<'a>(v: &'a serde_json::Value, out: &mut Vec<std::borrow::Cow<'a, str>>) {
+        match v {
+            serde_json::Value::String(s) => out.push(std::borrow::Cow::Borrowed(s)),
+            serde_json::Value::Array(items) => items.iter().for_each(|i| texts(i, out)),
+            serde_json::Value::Object(o) => {
+                for (k, v) in o {
+                    match k.as_str() {
+                        "text" | "content" | "thinking" => texts(v, out),
+                        "input" | "input_schema" => {
+                            out.push(std::borrow::Cow::Owned(v.to_string()))
+                        }
+                        "name" | "description" => texts(v, out),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut parts = vec![];
+    texts(&req["system"], &mut parts);
+    texts(&req["messages"], &mut parts);
+    texts(&req["tools"], &mut parts);
+    let bpe = tiktoken_rs::cl100k_base_singleton();
+    let per_message = req["messages"].as_array().map_or(0, Vec::len) * 3;
+    parts
+        .iter()
+        .map(|p| bpe.encode_with_special_tokens(p).len())
+        .sum::<usize>()
+        + per_message
+}
+
+async fn serve(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    principal: &Principal,
+    op: Operation,
+    path_model: Option<String>,
+    raw: &[u8],
+) -> Result<(), ApiError> {
+    let body = RequestBody::parse(raw)?;
     let model = match path_model {
         Some(m) => m,
         None => body
@@ -381,7 +523,14 @@ pub async fn handle(
                         let e = f.into_api_error();
                         let extra = attempt_headers(&attempts, app);
                         ctx.status = e.status;
-                        respond::send_error(session, &ctx.call_id, &e, &extra).await;
+                        respond::send_error(
+                            session,
+                            &ctx.call_id,
+                            &e,
+                            &extra,
+                            ctx.ingress.is_some(),
+                        )
+                        .await;
                         return Ok(());
                     }
                 }
@@ -537,20 +686,27 @@ async fn attempt(
         Ok(p) => p,
         Err(e) => return fixed(e),
     };
+    // Anthropic-format ingress to an Anthropic deployment: the client's own body goes upstream.
+    let native = ctx.ingress.is_some() && plan.provider == Provider::Anthropic;
     let mut upstream_body = body.clone();
-    let req = match plan.provider.build_request(
-        op,
-        &mut upstream_body,
-        &plan.deployment,
-        &plan.upstream_model,
-        stream,
-        &CallOptions {
-            drop_params: plan
-                .deployment
-                .drop_params
-                .unwrap_or(app.router.settings.drop_params),
-        },
-    ) {
+    let built = if native {
+        native_anthropic_request(ctx.ingress.as_deref().unwrap_or_default(), &plan, session)
+    } else {
+        plan.provider.build_request(
+            op,
+            &mut upstream_body,
+            &plan.deployment,
+            &plan.upstream_model,
+            stream,
+            &CallOptions {
+                drop_params: plan
+                    .deployment
+                    .drop_params
+                    .unwrap_or(app.router.settings.drop_params),
+            },
+        )
+    };
+    let req = match built {
         Ok(r) => r,
         Err(e) => return fixed(e),
     };
@@ -559,6 +715,31 @@ async fn attempt(
         forward_client_headers(session, &mut headers);
     }
     let path = join_path(&plan.target.path_prefix, &req.path);
+    // Bedrock without an API key: SigV4 over the final method, host, path, headers and body.
+    if plan.provider == Provider::Bedrock && plan.deployment.api_key.is_none() {
+        let Some((creds, region)) = bedrock::credentials_from(&plan.deployment) else {
+            return fixed(ApiError::new(
+                401,
+                "auth_error",
+                format!(
+                    "No AWS credentials for deployment {}: set aws_access_key_id/aws_secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
+                    plan.deployment.id
+                ),
+            ));
+        };
+        let signed = bedrock::sign_request(
+            "POST",
+            &plan.target.authority,
+            &path,
+            &headers,
+            &req.body,
+            &creds,
+            &region,
+            bedrock::SERVICE,
+            std::time::SystemTime::now(),
+        );
+        headers.extend(signed);
+    }
     let timeout = plan.deployment.call_timeout(stream, &app.router.settings);
     let call = Call {
         target: &plan.target,
@@ -642,6 +823,22 @@ async fn attempt(
     extra.push(("x-litellm-model-id", c.id.clone()));
     extra.push(("x-litellm-model-api-base", plan.target.display_base()));
     extra.push(("x-litellm-model-group", c.model_name.clone()));
+    let client_model = ctx
+        .requested_model
+        .clone()
+        .unwrap_or_else(|| requested.to_string());
+    let client_stream = ClientStream {
+        decoder: plan.provider.stream_decoder(
+            op,
+            req.injected_stream_usage,
+            body.wants_stream_usage(),
+            &plan.upstream_model,
+        ),
+        to_anthropic: (ctx.ingress.is_some() && !native)
+            .then(|| OpenAiToAnthropicStream::new(&client_model)),
+        passthrough: native,
+        scratch: Vec::new(),
+    };
     let served = if stream && streamed {
         stream_response(
             app,
@@ -650,23 +847,116 @@ async fn attempt(
             picked,
             &plan,
             resp,
-            plan.provider.stream_decoder(
-                op,
-                req.injected_stream_usage,
-                body.wants_stream_usage(),
-                &plan.upstream_model,
-            ),
+            client_stream,
             sent,
             extra,
         )
         .await
     } else {
-        whole_response(app, session, ctx, picked, &plan, op, resp, sent, extra).await
+        whole_response(
+            app, session, ctx, picked, &plan, op, native, resp, sent, extra,
+        )
+        .await
     };
     match served {
         Ok(o) => o,
         Err(e) => failure(FailureKind::Connect, None, e.to_string(), None),
     }
+}
+
+/// Turns upstream stream bytes into what the client receives, in the client's format.
+struct ClientStream {
+    decoder: StreamDecoder,
+    /// Anthropic-format ingress: the OpenAI chunks are re-encoded as Anthropic events.
+    to_anthropic: Option<OpenAiToAnthropicStream>,
+    /// Native Anthropic ingress: upstream bytes go out unchanged; the decoder only reads usage.
+    passthrough: bool,
+    scratch: Vec<u8>,
+}
+
+impl ClientStream {
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        self.scratch.clear();
+        if self.passthrough {
+            self.decoder.feed(chunk, &mut self.scratch);
+            out.extend_from_slice(chunk);
+        } else if let Some(a) = &mut self.to_anthropic {
+            self.decoder.feed(chunk, &mut self.scratch);
+            a.feed(&self.scratch, out);
+        } else {
+            self.decoder.feed(chunk, out);
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        self.scratch.clear();
+        if self.passthrough {
+            self.decoder.finish(&mut self.scratch);
+        } else if let Some(a) = &mut self.to_anthropic {
+            self.decoder.finish(&mut self.scratch);
+            a.feed(&self.scratch, out);
+            a.finish(out);
+        } else {
+            self.decoder.finish(out);
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.decoder.usage()
+    }
+
+    /// A mid-stream failure, reported in-band in the client's format.
+    fn error_event(&mut self, err: &ApiError, out: &mut Vec<u8>) {
+        if self.passthrough || self.to_anthropic.is_some() {
+            let body = String::from_utf8_lossy(&anthropic_error_body(err)).into_owned();
+            out.extend_from_slice(format!("event: error\ndata: {body}\n\n").as_bytes());
+        } else {
+            out.extend_from_slice(
+                format!("data: {}\n\n", String::from_utf8_lossy(&err.body())).as_bytes(),
+            );
+        }
+    }
+}
+
+/// The client's Anthropic body for an Anthropic deployment: only `model` changes; the client's
+/// `anthropic-version` and `anthropic-beta` are kept.
+fn native_anthropic_request(
+    raw: &[u8],
+    plan: &Plan<'_>,
+    session: &Session,
+) -> Result<sluice_filters::provider::UpstreamRequest, ApiError> {
+    let mut body: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: malformed JSON: {e}")))?;
+    body.insert(
+        "model".into(),
+        serde_json::Value::String(plan.upstream_model.clone()),
+    );
+    let client = |name: &str| {
+        session
+            .req_header()
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let d = &plan.deployment;
+    let mut headers = vec![(
+        "anthropic-version".to_string(),
+        client("anthropic-version").unwrap_or_else(|| anthropic::API_VERSION.to_string()),
+    )];
+    if let Some(beta) = client("anthropic-beta") {
+        headers.push(("anthropic-beta".into(), beta));
+    }
+    if let Some(k) = &d.api_key {
+        headers.push(("x-api-key".into(), k.clone()));
+    }
+    headers.extend(d.extra_headers.iter().cloned());
+    Ok(sluice_filters::provider::UpstreamRequest {
+        path: "/v1/messages".into(),
+        headers,
+        body: serde_json::to_vec(&body).expect("json serializes"),
+        injected_stream_usage: false,
+    })
 }
 
 /// Joins a base path prefix and a provider path, without doubling a `/v1` that both carry
@@ -779,6 +1069,7 @@ async fn whole_response(
     picked: &Picked,
     plan: &Plan<'_>,
     op: Operation,
+    native: bool,
     mut resp: OpenResponse,
     sent: Instant,
     extra: Vec<(&'static str, String)>,
@@ -796,7 +1087,20 @@ async fn whole_response(
         .provider
         .translate_response(op, &body, &plan.upstream_model)
         .map_err(|e| CallError::Protocol(e.message))?;
-    let body = translated.map_or(body, Bytes::from);
+    let body = if native {
+        // The client speaks Anthropic and so does the upstream: its bytes go out unchanged.
+        body
+    } else if ctx.ingress.is_some() {
+        let openai = translated.map_or(body, Bytes::from);
+        let model = ctx.requested_model.clone().unwrap_or_default();
+        Bytes::from(
+            openai_to_message(&openai, &model)
+                .map_err(|e| CallError::Protocol(e.message))?
+                .0,
+        )
+    } else {
+        translated.map_or(body, Bytes::from)
+    };
     record_success(
         app,
         picked,
@@ -805,7 +1109,8 @@ async fn whole_response(
         usage,
         &picked.deployment.config.model_name,
     );
-    let content_type = (!plan.provider.is_openai_native()).then_some("application/json");
+    let content_type =
+        (!plan.provider.is_openai_native() || ctx.ingress.is_some()).then_some("application/json");
     let h = client_header(ctx, &upstream_header, &extra, content_type);
     ctx.status = upstream_header.status.as_u16();
     if !respond::send(session, h, body).await {
@@ -822,7 +1127,7 @@ async fn stream_response(
     picked: &Picked,
     plan: &Plan<'_>,
     mut resp: OpenResponse,
-    mut decoder: StreamDecoder,
+    mut decoder: ClientStream,
     sent: Instant,
     extra: Vec<(&'static str, String)>,
 ) -> Result<Outcome, CallError> {
@@ -893,7 +1198,8 @@ async fn stream_response(
                     "internal_server_error",
                     format!("litellm.APIConnectionError: upstream stream ended early: {e}"),
                 );
-                let event = format!("data: {}\n\n", String::from_utf8_lossy(&err.body()));
+                let mut event = Vec::new();
+                decoder.error_event(&err, &mut event);
                 let _ = session
                     .write_response_body(Some(Bytes::from(event)), true)
                     .await;

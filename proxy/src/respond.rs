@@ -63,15 +63,22 @@ pub async fn send_json(
     send(session, h, body.into()).await
 }
 
+/// Sends an error in the OpenAI shape, or Anthropic's for `/v1/messages` clients.
 pub async fn send_error(
     session: &mut Session,
     call_id: &str,
     err: &ApiError,
     extra: &[(&str, String)],
+    anthropic_shape: bool,
 ) -> bool {
     let mut extra = extra.to_vec();
     if let Some(s) = err.retry_after {
         extra.push(("retry-after", s.to_string()));
     }
-    send_json(session, err.status, call_id, err.body(), &extra).await
+    let body = if anthropic_shape {
+        sluice_filters::ingress::anthropic_error_body(err)
+    } else {
+        err.body()
+    };
+    send_json(session, err.status, call_id, body, &extra).await
 }

@@ -92,14 +92,22 @@ pub struct DeploymentState {
 
 impl DeploymentState {
     fn new(config: Deployment, group_size: usize) -> Self {
-        let target = match &config.api_base {
+        let provider = Provider::for_deployment(&config);
+        // Providers whose endpoint depends on the deployment (Vertex's region, Bedrock's)
+        // compute their default base; the rest use their public one.
+        let base = config.api_base.clone().or_else(|| {
+            provider
+                .as_ref()
+                .ok()
+                .and_then(|p| p.default_api_base(&config))
+        });
+        let target = match &base {
             Some(base) => Target::parse(base),
             None => Err(format!(
                 "no api_base for provider {} (set litellm_params.api_base)",
                 config.provider
             )),
         };
-        let provider = Provider::for_deployment(&config);
         DeploymentState {
             config,
             target,

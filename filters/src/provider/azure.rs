@@ -36,7 +36,11 @@ pub(super) fn build_request(
     let version = d
         .api_version
         .clone()
-        .or_else(|| std::env::var("AZURE_API_VERSION").ok().filter(|v| !v.is_empty()))
+        .or_else(|| {
+            std::env::var("AZURE_API_VERSION")
+                .ok()
+                .filter(|v| !v.is_empty())
+        })
         .unwrap_or_else(|| DEFAULT_API_VERSION.to_string());
     let deployment: String =
         percent_encoding::utf8_percent_encode(upstream_model, PATH_SEGMENT).to_string();
@@ -45,7 +49,11 @@ pub(super) fn build_request(
         op.openai_path()
     );
     req.headers.retain(|(k, _)| k != "authorization");
-    match d.provider_params.get("azure_ad_token").and_then(|v| v.as_str()) {
+    match d
+        .provider_params
+        .get("azure_ad_token")
+        .and_then(|v| v.as_str())
+    {
         Some(token) => req
             .headers
             .insert(0, ("authorization".into(), format!("Bearer {token}"))),
@@ -77,8 +85,18 @@ mod tests {
     fn deployment_in_path_and_api_key_header() {
         let d = deployment(", api_version: '2024-06-01'");
         let mut body = RequestBody::parse(br#"{"model":"g","messages":[]}"#).unwrap();
-        let req = build_request(Operation::ChatCompletions, &mut body, &d, "gpt-4o-prod", false).unwrap();
-        assert_eq!(req.path, "/openai/deployments/gpt-4o-prod/chat/completions?api-version=2024-06-01");
+        let req = build_request(
+            Operation::ChatCompletions,
+            &mut body,
+            &d,
+            "gpt-4o-prod",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            req.path,
+            "/openai/deployments/gpt-4o-prod/chat/completions?api-version=2024-06-01"
+        );
         assert!(req.headers.contains(&("api-key".into(), "az-key".into())));
         assert!(!req.headers.iter().any(|(k, _)| k == "authorization"));
         let mut body = RequestBody::parse(br#"{"model":"g","input":"x"}"#).unwrap();
@@ -90,9 +108,20 @@ mod tests {
     fn entra_token_replaces_the_key() {
         let d = deployment(", azure_ad_token: eyJtoken");
         let mut body = RequestBody::parse(br#"{"model":"g","messages":[]}"#).unwrap();
-        let req = build_request(Operation::ChatCompletions, &mut body, &d, "gpt-4o-prod", false).unwrap();
-        assert!(req.headers.contains(&("authorization".into(), "Bearer eyJtoken".into())));
+        let req = build_request(
+            Operation::ChatCompletions,
+            &mut body,
+            &d,
+            "gpt-4o-prod",
+            false,
+        )
+        .unwrap();
+        assert!(req
+            .headers
+            .contains(&("authorization".into(), "Bearer eyJtoken".into())));
         assert!(!req.headers.iter().any(|(k, _)| k == "api-key"));
-        assert!(req.path.ends_with(&format!("api-version={DEFAULT_API_VERSION}")));
+        assert!(req
+            .path
+            .ends_with(&format!("api-version={DEFAULT_API_VERSION}")));
     }
 }

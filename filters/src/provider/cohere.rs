@@ -10,7 +10,13 @@ use crate::error::ApiError;
 use crate::sse::{event_data, SseSplitter};
 use crate::usage::Usage;
 
-const UNSUPPORTED: &[&str] = &["logit_bias", "top_logprobs", "n", "parallel_tool_calls", "user"];
+const UNSUPPORTED: &[&str] = &[
+    "logit_bias",
+    "top_logprobs",
+    "n",
+    "parallel_tool_calls",
+    "user",
+];
 
 fn raw_value(body: &RequestBody<'_>, key: &str) -> Result<Option<Value>, ApiError> {
     match body.raw(key) {
@@ -39,10 +45,16 @@ pub(super) fn build_request(
             let texts = match raw_value(body, "input")? {
                 Some(Value::String(s)) => vec![json!(s)],
                 Some(Value::Array(a)) if a.iter().all(Value::is_string) => a,
-                _ => return Err(ApiError::bad_request("cohere embeddings take a string or a list of strings").with_param("input")),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "cohere embeddings take a string or a list of strings",
+                    )
+                    .with_param("input"))
+                }
             };
             out.insert("texts".into(), json!(texts));
-            let input_type = raw_value(body, "input_type")?.unwrap_or_else(|| json!("search_document"));
+            let input_type =
+                raw_value(body, "input_type")?.unwrap_or_else(|| json!("search_document"));
             out.insert("input_type".into(), input_type);
             out.insert("embedding_types".into(), json!(["float"]));
             if let Some(dim) = raw_value(body, "dimensions")? {
@@ -51,7 +63,9 @@ pub(super) fn build_request(
             "/v2/embed"
         }
         Operation::Completions => {
-            return Err(ApiError::bad_request("cohere does not support /completions; use /chat/completions"))
+            return Err(ApiError::bad_request(
+                "cohere does not support /completions; use /chat/completions",
+            ))
         }
         Operation::ChatCompletions => {
             let unsupported: Vec<&str> = UNSUPPORTED
@@ -62,7 +76,10 @@ pub(super) fn build_request(
             if !unsupported.is_empty() && !opts.drop_params {
                 return Err(unsupported_params("cohere", upstream_model, &unsupported));
             }
-            out.insert("messages".into(), raw_value(body, "messages")?.unwrap_or_else(|| json!([])));
+            out.insert(
+                "messages".into(),
+                raw_value(body, "messages")?.unwrap_or_else(|| json!([])),
+            );
             for (from, to) in [
                 ("temperature", "temperature"),
                 ("top_p", "p"),
@@ -80,7 +97,14 @@ pub(super) fn build_request(
                 }
             }
             if let Some(stop) = raw_value(body, "stop")? {
-                out.insert("stop_sequences".into(), if stop.is_string() { json!([stop]) } else { stop });
+                out.insert(
+                    "stop_sequences".into(),
+                    if stop.is_string() {
+                        json!([stop])
+                    } else {
+                        stop
+                    },
+                );
             }
             if let Some(choice) = raw_value(body, "tool_choice")? {
                 match choice.as_str() {
@@ -136,7 +160,11 @@ fn finish_reason(reason: Option<&str>) -> &'static str {
 }
 
 fn usage_from(v: &Value) -> Usage {
-    let tokens = v.get("tokens").or_else(|| v.get("billed_units")).cloned().unwrap_or(Value::Null);
+    let tokens = v
+        .get("tokens")
+        .or_else(|| v.get("billed_units"))
+        .cloned()
+        .unwrap_or(Value::Null);
     let p = tokens["input_tokens"].as_f64().unwrap_or(0.0) as u64;
     let c = tokens["output_tokens"].as_f64().unwrap_or(0.0) as u64;
     Usage {
@@ -157,28 +185,54 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-pub(super) fn translate_response(op: Operation, body: &[u8], model: &str) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+pub(super) fn translate_response(
+    op: Operation,
+    body: &[u8],
+    model: &str,
+) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(502, "internal_server_error", format!("litellm.APIError: CohereException - malformed response: {e}"))
+        ApiError::new(
+            502,
+            "internal_server_error",
+            format!("litellm.APIError: CohereException - malformed response: {e}"),
+        )
     })?;
     if op == Operation::Embeddings {
-        let vectors = v.pointer("/embeddings/float").or_else(|| v.get("embeddings")).and_then(Value::as_array).cloned().unwrap_or_default();
+        let vectors = v
+            .pointer("/embeddings/float")
+            .or_else(|| v.get("embeddings"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let data: Vec<Value> = vectors
             .into_iter()
             .enumerate()
             .map(|(i, e)| json!({"object": "embedding", "index": i, "embedding": e}))
             .collect();
-        let prompt = v.pointer("/meta/billed_units/input_tokens").and_then(Value::as_f64).unwrap_or(0.0) as u64;
-        let usage = Usage { prompt_tokens: prompt, completion_tokens: 0, total_tokens: prompt };
+        let prompt = v
+            .pointer("/meta/billed_units/input_tokens")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0) as u64;
+        let usage = Usage {
+            prompt_tokens: prompt,
+            completion_tokens: 0,
+            total_tokens: prompt,
+        };
         let out = json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt, "total_tokens": prompt}});
-        return Ok((serde_json::to_vec(&out).expect("json serializes"), Some(usage)));
+        return Ok((
+            serde_json::to_vec(&out).expect("json serializes"),
+            Some(usage),
+        ));
     }
     let text: String = v
         .pointer("/message/content")
         .and_then(Value::as_array)
         .map(|parts| parts.iter().filter_map(|p| p["text"].as_str()).collect())
         .unwrap_or_default();
-    let calls = v.pointer("/message/tool_calls").cloned().filter(|c| c.as_array().is_some_and(|a| !a.is_empty()));
+    let calls = v
+        .pointer("/message/tool_calls")
+        .cloned()
+        .filter(|c| c.as_array().is_some_and(|a| !a.is_empty()));
     let usage = usage_from(&v["usage"]);
     let mut message = json!({"role": "assistant", "content": if text.is_empty() && calls.is_some() { Value::Null } else { json!(text) }});
     if let Some(c) = calls {
@@ -192,7 +246,10 @@ pub(super) fn translate_response(op: Operation, body: &[u8], model: &str) -> Res
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(v["finish_reason"].as_str())}],
         "usage": usage_json(&usage),
     });
-    Ok((serde_json::to_vec(&out).expect("json serializes"), Some(usage)))
+    Ok((
+        serde_json::to_vec(&out).expect("json serializes"),
+        Some(usage),
+    ))
 }
 
 /// Cohere v2 typed SSE events → OpenAI chunks.
@@ -242,20 +299,30 @@ impl CohereStream {
     }
 
     fn event(&mut self, event: &[u8], out: &mut Vec<u8>) {
-        let Some(data) = event_data(event) else { return };
-        let Ok(v) = serde_json::from_slice::<Value>(data) else { return };
+        let Some(data) = event_data(event) else {
+            return;
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(data) else {
+            return;
+        };
         match v["type"].as_str() {
             Some("message-start") => {
                 self.id = v["id"].as_str().unwrap_or_default().to_string();
                 self.emit(json!({"role": "assistant", "content": ""}), None, out);
             }
             Some("content-delta") => {
-                if let Some(t) = v.pointer("/delta/message/content/text").and_then(Value::as_str) {
+                if let Some(t) = v
+                    .pointer("/delta/message/content/text")
+                    .and_then(Value::as_str)
+                {
                     self.emit(json!({"content": t}), None, out);
                 }
             }
             Some("tool-call-start") => {
-                let call = v.pointer("/delta/message/tool_calls").cloned().unwrap_or(Value::Null);
+                let call = v
+                    .pointer("/delta/message/tool_calls")
+                    .cloned()
+                    .unwrap_or(Value::Null);
                 self.emit(
                     json!({"tool_calls": [{"index": self.tool_index, "id": call["id"], "type": "function",
                         "function": {"name": call.pointer("/function/name"), "arguments": call.pointer("/function/arguments").and_then(Value::as_str).unwrap_or("")}}]}),
@@ -264,7 +331,10 @@ impl CohereStream {
                 );
             }
             Some("tool-call-delta") => {
-                if let Some(a) = v.pointer("/delta/message/tool_calls/function/arguments").and_then(Value::as_str) {
+                if let Some(a) = v
+                    .pointer("/delta/message/tool_calls/function/arguments")
+                    .and_then(Value::as_str)
+                {
                     self.emit(json!({"tool_calls": [{"index": self.tool_index, "function": {"arguments": a}}]}), None, out);
                 }
             }
@@ -272,7 +342,8 @@ impl CohereStream {
             Some("message-end") => {
                 let usage = usage_from(v.pointer("/delta/usage").unwrap_or(&Value::Null));
                 self.usage = Some(usage);
-                let reason = finish_reason(v.pointer("/delta/finish_reason").and_then(Value::as_str));
+                let reason =
+                    finish_reason(v.pointer("/delta/finish_reason").and_then(Value::as_str));
                 self.emit(json!({}), Some(reason), out);
                 self.end(out);
             }
@@ -308,16 +379,34 @@ mod tests {
     #[test]
     fn chat_and_embed_requests() {
         let mut body = RequestBody::parse(br#"{"model":"g","messages":[{"role":"user","content":"hi"}],"top_p":0.5,"stop":"x","stream":true}"#).unwrap();
-        let req = build_request(Operation::ChatCompletions, &mut body, &deployment(), "command-r-plus", true, &CallOptions::default()).unwrap();
+        let req = build_request(
+            Operation::ChatCompletions,
+            &mut body,
+            &deployment(),
+            "command-r-plus",
+            true,
+            &CallOptions::default(),
+        )
+        .unwrap();
         assert_eq!(req.path, "/v2/chat");
         let v: Value = serde_json::from_slice(&req.body).unwrap();
         assert_eq!(v["p"], 0.5);
         assert_eq!(v["stop_sequences"], json!(["x"]));
         assert_eq!(v["stream"], true);
-        assert!(req.headers.contains(&("authorization".into(), "Bearer co-key".into())));
+        assert!(req
+            .headers
+            .contains(&("authorization".into(), "Bearer co-key".into())));
 
         let mut body = RequestBody::parse(br#"{"model":"g","input":["a","b"]}"#).unwrap();
-        let req = build_request(Operation::Embeddings, &mut body, &deployment(), "embed-english-v3.0", false, &CallOptions::default()).unwrap();
+        let req = build_request(
+            Operation::Embeddings,
+            &mut body,
+            &deployment(),
+            "embed-english-v3.0",
+            false,
+            &CallOptions::default(),
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&req.body).unwrap();
         assert_eq!(req.path, "/v2/embed");
         assert_eq!(v["input_type"], "search_document");
@@ -327,7 +416,8 @@ mod tests {
     #[test]
     fn chat_response_and_stream() {
         let body = br#"{"id":"c14c80c3","finish_reason":"COMPLETE","message":{"role":"assistant","content":[{"type":"text","text":"Hello!"}]},"usage":{"billed_units":{"input_tokens":5,"output_tokens":2},"tokens":{"input_tokens":71,"output_tokens":2}}}"#;
-        let (out, usage) = translate_response(Operation::ChatCompletions, body, "command-r-plus").unwrap();
+        let (out, usage) =
+            translate_response(Operation::ChatCompletions, body, "command-r-plus").unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["choices"][0]["message"]["content"], "Hello!");
         assert_eq!(usage.unwrap().prompt_tokens, 71);
@@ -345,7 +435,11 @@ mod tests {
                 .split("\n\n")
                 .filter_map(|e| e.strip_prefix("data: "))
                 .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-                .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+                .filter_map(|v| {
+                    v["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_string)
+                })
                 .collect();
             assert_eq!(content, "Hello");
             assert!(text.contains("\"finish_reason\":\"stop\""));

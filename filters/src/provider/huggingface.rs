@@ -10,17 +10,34 @@ use crate::error::ApiError;
 
 /// Serving providers the router accepts as a name prefix.
 const ROUTER_PROVIDERS: &[&str] = &[
-    "cerebras", "cohere", "fal-ai", "featherless-ai", "fireworks-ai", "groq", "hf-inference",
-    "hyperbolic", "nebius", "novita", "nscale", "replicate", "sambanova", "together",
+    "cerebras",
+    "cohere",
+    "fal-ai",
+    "featherless-ai",
+    "fireworks-ai",
+    "groq",
+    "hf-inference",
+    "hyperbolic",
+    "nebius",
+    "novita",
+    "nscale",
+    "replicate",
+    "sambanova",
+    "together",
 ];
 
 const ROUTER_HOST: &str = "router.huggingface.co";
 
 /// The model name to send: on the router, a leading provider moves behind a `:`.
 fn model_name(d: &Deployment, upstream_model: &str) -> String {
-    let on_router = d.api_base.as_deref().is_none_or(|b| b.contains(ROUTER_HOST));
+    let on_router = d
+        .api_base
+        .as_deref()
+        .is_none_or(|b| b.contains(ROUTER_HOST));
     match upstream_model.split_once('/') {
-        Some((provider, rest)) if on_router && ROUTER_PROVIDERS.contains(&provider) && rest.contains('/') => {
+        Some((provider, rest))
+            if on_router && ROUTER_PROVIDERS.contains(&provider) && rest.contains('/') =>
+        {
             format!("{rest}:{provider}")
         }
         _ => upstream_model.to_string(),
@@ -59,20 +76,33 @@ mod tests {
         )
         .unwrap()
         .deployments[0]
-        .clone()
+            .clone()
     }
 
     #[test]
     fn router_names_and_tgi_paths() {
-        let d = deployment("model: huggingface/together/meta-llama/Llama-3.1-8B-Instruct, api_key: hf_x");
+        let d = deployment(
+            "model: huggingface/together/meta-llama/Llama-3.1-8B-Instruct, api_key: hf_x",
+        );
         let mut body = RequestBody::parse(br#"{"model":"g","messages":[]}"#).unwrap();
-        let req = build_request(Operation::ChatCompletions, &mut body, &d, "together/meta-llama/Llama-3.1-8B-Instruct", false).unwrap();
+        let req = build_request(
+            Operation::ChatCompletions,
+            &mut body,
+            &d,
+            "together/meta-llama/Llama-3.1-8B-Instruct",
+            false,
+        )
+        .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
         assert_eq!(v["model"], "meta-llama/Llama-3.1-8B-Instruct:together");
         assert_eq!(req.path, "/chat/completions");
-        assert!(req.headers.contains(&("authorization".into(), "Bearer hf_x".into())));
+        assert!(req
+            .headers
+            .contains(&("authorization".into(), "Bearer hf_x".into())));
 
-        let d = deployment("model: huggingface/tgi, api_base: 'https://ep.endpoints.huggingface.cloud'");
+        let d = deployment(
+            "model: huggingface/tgi, api_base: 'https://ep.endpoints.huggingface.cloud'",
+        );
         let mut body = RequestBody::parse(br#"{"model":"g","messages":[]}"#).unwrap();
         let req = build_request(Operation::ChatCompletions, &mut body, &d, "tgi", false).unwrap();
         assert_eq!(req.path, "/v1/chat/completions");

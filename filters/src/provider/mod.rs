@@ -95,6 +95,9 @@ pub enum Provider {
     Anthropic,
     Ollama,
     Cohere,
+    Gemini,
+    VertexAi,
+    Bedrock,
 }
 
 /// An incremental decoder from the provider's stream to OpenAI SSE.
@@ -103,6 +106,8 @@ pub enum StreamDecoder {
     Anthropic(Box<anthropic::AnthropicStream>),
     Ollama(Box<ollama::OllamaStream>),
     Cohere(Box<cohere::CohereStream>),
+    Gemini(Box<gemini::GeminiStream>),
+    Bedrock(Box<bedrock::BedrockStream>),
 }
 
 impl StreamDecoder {
@@ -113,6 +118,8 @@ impl StreamDecoder {
             StreamDecoder::Anthropic(s) => s.feed(chunk, out),
             StreamDecoder::Ollama(s) => s.feed(chunk, out),
             StreamDecoder::Cohere(s) => s.feed(chunk, out),
+            StreamDecoder::Gemini(s) => s.feed(chunk, out),
+            StreamDecoder::Bedrock(s) => s.feed(chunk, out),
         }
     }
 
@@ -123,6 +130,8 @@ impl StreamDecoder {
             StreamDecoder::Anthropic(s) => s.finish(out),
             StreamDecoder::Ollama(s) => s.finish(out),
             StreamDecoder::Cohere(s) => s.finish(out),
+            StreamDecoder::Gemini(s) => s.finish(out),
+            StreamDecoder::Bedrock(s) => s.finish(out),
         }
     }
 
@@ -132,6 +141,8 @@ impl StreamDecoder {
             StreamDecoder::Anthropic(s) => s.usage(),
             StreamDecoder::Ollama(s) => s.usage(),
             StreamDecoder::Cohere(s) => s.usage(),
+            StreamDecoder::Gemini(s) => s.usage(),
+            StreamDecoder::Bedrock(s) => s.usage(),
         }
     }
 }
@@ -146,14 +157,9 @@ impl Provider {
             WireFormat::Anthropic => Ok(Provider::Anthropic),
             WireFormat::Ollama => Ok(Provider::Ollama),
             WireFormat::Cohere => Ok(Provider::Cohere),
-            other => Err(ApiError::new(
-                501,
-                "not_implemented_error",
-                format!(
-                    "Provider {} ({other:?} format) is not supported by this Sluice build yet",
-                    d.provider
-                ),
-            )),
+            WireFormat::Gemini => Ok(Provider::Gemini),
+            WireFormat::VertexAi => Ok(Provider::VertexAi),
+            WireFormat::Bedrock => Ok(Provider::Bedrock),
         }
     }
 
@@ -178,6 +184,16 @@ impl Provider {
             }
             Provider::Ollama => ollama::build_request(op, body, d, upstream_model, stream, opts),
             Provider::Cohere => cohere::build_request(op, body, d, upstream_model, stream, opts),
+            Provider::Gemini | Provider::VertexAi => gemini::build_request(
+                op,
+                body,
+                d,
+                upstream_model,
+                stream,
+                opts,
+                *self == Provider::VertexAi,
+            ),
+            Provider::Bedrock => bedrock::build_request(op, body, d, upstream_model, stream, opts),
             Provider::Anthropic => {
                 anthropic::build_request(op, body, d, upstream_model, stream, opts)
             }
@@ -199,8 +215,25 @@ impl Provider {
             Provider::Anthropic => anthropic::translate_response(body, model),
             Provider::Ollama => ollama::translate_response(op, body, model),
             Provider::Cohere => cohere::translate_response(op, body, model),
+            Provider::Gemini | Provider::VertexAi => gemini::translate_response(op, body, model),
+            Provider::Bedrock => bedrock::translate_response(op, body, model),
         };
         translated.map(|(b, u)| (Some(b), u))
+    }
+
+    /// The base URL when the deployment names none: Vertex's regional host, Bedrock's runtime
+    /// endpoint for the region, else the provider's public default.
+    pub fn default_api_base(&self, d: &Deployment) -> Option<String> {
+        match self {
+            Provider::VertexAi => Some(gemini::vertex_api_base(d)),
+            Provider::Bedrock => {
+                let region = bedrock::credentials_from(d)
+                    .map(|(_, r)| r)
+                    .unwrap_or_else(|| bedrock::DEFAULT_REGION.to_string());
+                Some(bedrock::api_base(d, &region))
+            }
+            _ => d.provider.default_api_base(),
+        }
     }
 
     /// True when responses are the upstream's own OpenAI-shaped bytes.
@@ -233,6 +266,13 @@ impl Provider {
                 model,
                 client_wants_usage,
             ))),
+            Provider::Gemini | Provider::VertexAi => StreamDecoder::Gemini(Box::new(
+                gemini::GeminiStream::new(model, client_wants_usage),
+            )),
+            Provider::Bedrock => StreamDecoder::Bedrock(Box::new(bedrock::BedrockStream::new(
+                model,
+                client_wants_usage,
+            ))),
             Provider::Anthropic => StreamDecoder::Anthropic(Box::new(
                 anthropic::AnthropicStream::new(model, client_wants_usage),
             )),
@@ -244,6 +284,8 @@ impl Provider {
         match self {
             // 529 is Anthropic's "overloaded": a server error like 503.
             Provider::Anthropic if status == 529 => FailureKind::Server,
+            Provider::Gemini | Provider::VertexAi => gemini::classify_error(status, body),
+            Provider::Bedrock => bedrock::classify_error(status, body),
             _ => crate::classify::classify_status(status, body),
         }
     }

@@ -11,7 +11,13 @@ use crate::body::RequestBody;
 use crate::error::ApiError;
 use crate::usage::Usage;
 
-const UNSUPPORTED: &[&str] = &["logit_bias", "logprobs", "top_logprobs", "n", "parallel_tool_calls"];
+const UNSUPPORTED: &[&str] = &[
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "n",
+    "parallel_tool_calls",
+];
 
 fn raw_value(body: &RequestBody<'_>, key: &str) -> Result<Option<Value>, ApiError> {
     match body.raw(key) {
@@ -33,7 +39,10 @@ fn flatten_content(content: &Value) -> (String, Vec<String>) {
                 match p["type"].as_str() {
                     Some("text") => text.push_str(p["text"].as_str().unwrap_or("")),
                     Some("image_url") => {
-                        let url = p.pointer("/image_url/url").and_then(Value::as_str).unwrap_or("");
+                        let url = p
+                            .pointer("/image_url/url")
+                            .and_then(Value::as_str)
+                            .unwrap_or("");
                         if let Some((_, data)) = url.split_once(";base64,") {
                             images.push(data.to_string());
                         }
@@ -93,7 +102,14 @@ pub(super) fn build_request(
         }
     }
     if let Some(stop) = raw_value(body, "stop")? {
-        options.insert("stop".into(), if stop.is_string() { json!([stop]) } else { stop });
+        options.insert(
+            "stop".into(),
+            if stop.is_string() {
+                json!([stop])
+            } else {
+                stop
+            },
+        );
     }
     if !options.is_empty() {
         out.insert("options".into(), Value::Object(options));
@@ -104,7 +120,12 @@ pub(super) fn build_request(
                 out.insert("format".into(), json!("json"));
             }
             Some("json_schema") => {
-                out.insert("format".into(), f.pointer("/json_schema/schema").cloned().unwrap_or(json!("json")));
+                out.insert(
+                    "format".into(),
+                    f.pointer("/json_schema/schema")
+                        .cloned()
+                        .unwrap_or(json!("json")),
+                );
             }
             _ => {}
         }
@@ -112,8 +133,16 @@ pub(super) fn build_request(
     let path = if op == Operation::Completions {
         let prompt = match raw_value(body, "prompt")? {
             Some(Value::String(s)) => s,
-            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or("").to_string(),
-            other => return Err(ApiError::bad_request(format!("ollama takes one string prompt, got {}", other.unwrap_or(Value::Null))).with_param("prompt")),
+            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+                a[0].as_str().unwrap_or("").to_string()
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "ollama takes one string prompt, got {}",
+                    other.unwrap_or(Value::Null)
+                ))
+                .with_param("prompt"))
+            }
         };
         out.insert("prompt".into(), json!(prompt));
         "/api/generate"
@@ -239,9 +268,17 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-pub(super) fn translate_response(op: Operation, body: &[u8], model: &str) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+pub(super) fn translate_response(
+    op: Operation,
+    body: &[u8],
+    model: &str,
+) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
     let r: OllamaReply = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(502, "internal_server_error", format!("litellm.APIError: OllamaException - malformed response: {e}"))
+        ApiError::new(
+            502,
+            "internal_server_error",
+            format!("litellm.APIError: OllamaException - malformed response: {e}"),
+        )
     })?;
     let usage = usage_of(&r);
     let out = match op {
@@ -266,7 +303,8 @@ pub(super) fn translate_response(op: Operation, body: &[u8], model: &str) -> Res
         Operation::ChatCompletions => {
             let message = r.message.clone().unwrap_or_else(|| json!({}));
             let calls = tool_calls(&message);
-            let mut m = json!({"role": "assistant", "content": message["content"].as_str().unwrap_or("")});
+            let mut m =
+                json!({"role": "assistant", "content": message["content"].as_str().unwrap_or("")});
             if !calls.is_empty() {
                 m["tool_calls"] = json!(calls);
             }
@@ -280,7 +318,10 @@ pub(super) fn translate_response(op: Operation, body: &[u8], model: &str) -> Res
             })
         }
     };
-    Ok((serde_json::to_vec(&out).expect("json serializes"), Some(usage)))
+    Ok((
+        serde_json::to_vec(&out).expect("json serializes"),
+        Some(usage),
+    ))
 }
 
 /// NDJSON → OpenAI chunks, for any chunking of the input.
@@ -329,7 +370,11 @@ impl OllamaStream {
     }
 
     fn emit(&self, choice: Value, out: &mut Vec<u8>) {
-        let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
         let c = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]});
         out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
     }
@@ -354,7 +399,10 @@ impl OllamaStream {
             }
             let message = r.message.clone().unwrap_or_else(|| json!({}));
             if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
-                self.emit(json!({"index": 0, "delta": {"content": text}, "finish_reason": null}), out);
+                self.emit(
+                    json!({"index": 0, "delta": {"content": text}, "finish_reason": null}),
+                    out,
+                );
             }
             let calls = tool_calls(&message);
             if !calls.is_empty() {
@@ -366,17 +414,26 @@ impl OllamaStream {
                         c
                     })
                     .collect();
-                self.emit(json!({"index": 0, "delta": {"tool_calls": indexed}, "finish_reason": null}), out);
+                self.emit(
+                    json!({"index": 0, "delta": {"tool_calls": indexed}, "finish_reason": null}),
+                    out,
+                );
             }
             if r.done {
                 let has_tools = message["tool_calls"].is_array();
-                self.emit(json!({"index": 0, "delta": {}, "finish_reason": finish_reason(&r, has_tools)}), out);
+                self.emit(
+                    json!({"index": 0, "delta": {}, "finish_reason": finish_reason(&r, has_tools)}),
+                    out,
+                );
             }
         } else {
             let text = r.response.clone().unwrap_or_default();
             let finish = r.done.then(|| finish_reason(&r, false));
             if !text.is_empty() || finish.is_some() {
-                self.emit(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}), out);
+                self.emit(
+                    json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
+                    out,
+                );
             }
         }
         if r.done {
@@ -392,7 +449,11 @@ impl OllamaStream {
         self.finished = true;
         if self.include_usage {
             if let Some(u) = self.usage {
-                let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
+                let object = if self.chat {
+                    "chat.completion.chunk"
+                } else {
+                    "text_completion"
+                };
                 let c = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [], "usage": usage_json(&u)});
                 out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
             }
@@ -407,20 +468,34 @@ mod tests {
     use std::path::Path;
 
     fn deployment() -> Deployment {
-        sluice_config::parse_config("model_list: [{model_name: g, litellm_params: {model: ollama_chat/llama3}}]", Path::new("t.yaml"))
-            .unwrap()
-            .deployments[0]
+        sluice_config::parse_config(
+            "model_list: [{model_name: g, litellm_params: {model: ollama_chat/llama3}}]",
+            Path::new("t.yaml"),
+        )
+        .unwrap()
+        .deployments[0]
             .clone()
     }
 
     #[test]
     fn chat_request_puts_sampling_under_options() {
         let mut body = RequestBody::parse(br#"{"model":"g","messages":[{"role":"user","content":"hi"}],"temperature":0.1,"max_tokens":9,"stop":"x","response_format":{"type":"json_object"}}"#).unwrap();
-        let req = build_request(Operation::ChatCompletions, &mut body, &deployment(), "llama3", false, &CallOptions::default()).unwrap();
+        let req = build_request(
+            Operation::ChatCompletions,
+            &mut body,
+            &deployment(),
+            "llama3",
+            false,
+            &CallOptions::default(),
+        )
+        .unwrap();
         assert_eq!(req.path, "/api/chat");
         let v: Value = serde_json::from_slice(&req.body).unwrap();
         assert_eq!(v["stream"], false);
-        assert_eq!(v["options"], json!({"temperature": 0.1, "num_predict": 9, "stop": ["x"]}));
+        assert_eq!(
+            v["options"],
+            json!({"temperature": 0.1, "num_predict": 9, "stop": ["x"]})
+        );
         assert_eq!(v["format"], "json");
         assert_eq!(v["messages"][0], json!({"role": "user", "content": "hi"}));
     }
@@ -448,7 +523,11 @@ mod tests {
                 .filter_map(|e| e.strip_prefix("data: "))
                 .filter(|d| *d != "[DONE]")
                 .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-                .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+                .filter_map(|v| {
+                    v["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_string)
+                })
                 .collect();
             assert_eq!(deltas, "Hello");
             assert!(text.ends_with("data: [DONE]\n\n"));

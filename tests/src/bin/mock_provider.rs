@@ -435,6 +435,15 @@ enum Endpoint {
     /// Cohere's `/v2/chat` and `/v2/embed`.
     CohereChat,
     CohereEmbed,
+    /// Anthropic's `/v1/messages/count_tokens`.
+    CountTokens,
+    /// Gemini / Vertex `models/{m}:generateContent`, `:streamGenerateContent`, `:batchEmbedContents`.
+    GeminiGenerate,
+    GeminiStream,
+    GeminiEmbed,
+    /// Bedrock `/model/{id}/converse` and `/converse-stream`.
+    BedrockConverse,
+    BedrockStream,
 }
 
 impl Endpoint {
@@ -518,11 +527,27 @@ fn provider_endpoint(path: &str) -> Option<Endpoint> {
         let (_, tail) = rest.split_once('/')?;
         return Endpoint::from_path(&format!("/{tail}"));
     }
+    if path.starts_with("/v1beta/models/") || path.starts_with("/v1/projects/") {
+        return Some(match path.rsplit_once(':')?.1 {
+            "generateContent" => Endpoint::GeminiGenerate,
+            "streamGenerateContent" => Endpoint::GeminiStream,
+            "batchEmbedContents" => Endpoint::GeminiEmbed,
+            _ => return None,
+        });
+    }
+    if let Some(rest) = path.strip_prefix("/model/") {
+        return Some(match rest.rsplit_once('/')?.1 {
+            "converse" => Endpoint::BedrockConverse,
+            "converse-stream" => Endpoint::BedrockStream,
+            _ => return None,
+        });
+    }
     Some(match path {
         "/api/chat" => Endpoint::OllamaChat,
         "/api/embed" => Endpoint::OllamaEmbed,
         "/v2/chat" => Endpoint::CohereChat,
         "/v2/embed" => Endpoint::CohereEmbed,
+        "/v1/messages/count_tokens" => Endpoint::CountTokens,
         _ => return None,
     })
 }
@@ -646,6 +671,97 @@ async fn inference(
     match ep {
         Endpoint::Messages if streaming => anthropic_sse(mock, req, &script, in_flight),
         Endpoint::Messages => json_response(StatusCode::OK, &anthropic_message(mock, req)),
+        Endpoint::GeminiGenerate => json_response(
+            StatusCode::OK,
+            &json!({
+            "candidates": [{"content": {"role": "model", "parts": [{"text": format!("{} received {} bytes", mock.name, req.body.len())}]},
+                            "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": req.prompt_tokens(), "candidatesTokenCount": 5, "totalTokenCount": req.prompt_tokens() + 5},
+            "modelVersion": "gemini-mock"}),
+        ),
+        Endpoint::GeminiStream => {
+            let delay = Duration::from_millis(script.delay_ms);
+            let k = script.chunks;
+            let steps: Vec<(Duration, Step)> = (0..k)
+                .map(|i| {
+                    let mut ev = json!({"candidates": [{"content": {"role": "model", "parts": [{"text": format!("tok{i} ")}]}, "index": 0}],
+                                        "modelVersion": "gemini-mock"});
+                    if i + 1 == k {
+                        ev["candidates"][0]["finishReason"] = json!("STOP");
+                        ev["usageMetadata"] = json!({"promptTokenCount": req.prompt_tokens(), "candidatesTokenCount": k, "totalTokenCount": req.prompt_tokens() + k as u64});
+                    }
+                    (delay, Step::Chunk(Bytes::from(format!("data: {ev}\r\n\r\n"))))
+                })
+                .collect();
+            let guard = StreamGuard::new(mock, in_flight);
+            let mut resp = Response::new(step_body(steps, guard));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            resp
+        }
+        Endpoint::GeminiEmbed => {
+            let n = req
+                .json_field("requests")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            json_response(
+                StatusCode::OK,
+                &json!({"embeddings": (0..n).map(|i| json!({"values": [i as f64, 0.5]})).collect::<Vec<_>>()}),
+            )
+        }
+        Endpoint::BedrockConverse => json_response(
+            StatusCode::OK,
+            &json!({
+            "output": {"message": {"role": "assistant", "content": [{"text": format!("{} received {} bytes", mock.name, req.body.len())}]}},
+            "stopReason": "end_turn",
+            "usage": {"inputTokens": req.prompt_tokens(), "outputTokens": 5, "totalTokens": req.prompt_tokens() + 5},
+            "metrics": {"latencyMs": 1}}),
+        ),
+        Endpoint::BedrockStream => {
+            let delay = Duration::from_millis(script.delay_ms);
+            let k = script.chunks;
+            let mut steps = vec![(
+                Duration::ZERO,
+                Step::Chunk(event_frame("messageStart", &json!({"role": "assistant"}))),
+            )];
+            for i in 0..k {
+                steps.push((
+                    delay,
+                    Step::Chunk(event_frame(
+                        "contentBlockDelta",
+                        &json!({"contentBlockIndex": 0, "delta": {"text": format!("tok{i} ")}}),
+                    )),
+                ));
+            }
+            steps.push((
+                Duration::ZERO,
+                Step::Chunk(event_frame(
+                    "contentBlockStop",
+                    &json!({"contentBlockIndex": 0}),
+                )),
+            ));
+            steps.push((
+                Duration::ZERO,
+                Step::Chunk(event_frame(
+                    "messageStop",
+                    &json!({"stopReason": "end_turn"}),
+                )),
+            ));
+            steps.push((Duration::ZERO, Step::Chunk(event_frame("metadata", &json!({"usage": {"inputTokens": req.prompt_tokens(), "outputTokens": k, "totalTokens": req.prompt_tokens() + k as u64}, "metrics": {"latencyMs": 1}})))));
+            let guard = StreamGuard::new(mock, in_flight);
+            let mut resp = Response::new(step_body(steps, guard));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/vnd.amazon.eventstream"),
+            );
+            resp
+        }
+        Endpoint::CountTokens => json_response(
+            StatusCode::OK,
+            &json!({"input_tokens": req.prompt_tokens()}),
+        ),
         Endpoint::OllamaChat => ollama_chat(mock, req, &script, streaming, in_flight),
         Endpoint::OllamaEmbed => {
             let n = req
@@ -1022,6 +1138,34 @@ fn ollama_chat(
         HeaderValue::from_static("application/x-ndjson"),
     );
     resp
+}
+
+/// One AWS event-stream frame: prelude (lengths + CRC), string headers, JSON payload, CRC.
+fn event_frame(event_type: &str, payload: &Value) -> Bytes {
+    let mut headers = Vec::new();
+    for (name, value) in [
+        (":event-type", event_type),
+        (":content-type", "application/json"),
+        (":message-type", "event"),
+    ] {
+        headers.push(name.len() as u8);
+        headers.extend_from_slice(name.as_bytes());
+        headers.push(7); // string
+        headers.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        headers.extend_from_slice(value.as_bytes());
+    }
+    let payload = payload.to_string().into_bytes();
+    let total = 12 + headers.len() + payload.len() + 4;
+    let mut frame = Vec::with_capacity(total);
+    frame.extend_from_slice(&(total as u32).to_be_bytes());
+    frame.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+    let prelude_crc = crc32fast::hash(&frame);
+    frame.extend_from_slice(&prelude_crc.to_be_bytes());
+    frame.extend_from_slice(&headers);
+    frame.extend_from_slice(&payload);
+    let crc = crc32fast::hash(&frame);
+    frame.extend_from_slice(&crc.to_be_bytes());
+    Bytes::from(frame)
 }
 
 /// What an Anthropic answer holds: text, and a tool call when the request offers tools and the

@@ -1,0 +1,151 @@
+//! Client (OpenAI format) → Sluice → mock speaking Gemini's and Bedrock's wire formats.
+
+use serde_json::{json, Value};
+use sluice_tests::{client, sse_data, Gateway, Mock};
+
+async fn gateway(mock: &Mock) -> Gateway {
+    let root = mock.url("");
+    Gateway::start(
+        &format!(
+            r#"
+model_list:
+  - model_name: gemini
+    litellm_params: {{model: gemini/gemini-1.5-flash, api_base: "{root}", api_key: g-secret}}
+  - model_name: gemini-embed
+    litellm_params: {{model: gemini/text-embedding-004, api_base: "{root}", api_key: g-secret}}
+    model_info: {{mode: embedding}}
+  - model_name: bedrock
+    litellm_params:
+      model: bedrock/anthropic.claude-3-5-sonnet-20241022-v2:0
+      api_base: "{root}"
+      aws_access_key_id: AKIDEXAMPLE
+      aws_secret_access_key: wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY
+      aws_region_name: us-east-1
+"#
+        ),
+        &[],
+    )
+    .await
+}
+
+async fn chat(gw: &Gateway, model: &str, stream: bool) -> reqwest::Response {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": model, "stream": stream, "stream_options": {"include_usage": true},
+                      "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn streamed(body: &str) -> (String, Vec<Value>) {
+    let chunks: Vec<Value> = sse_data(body)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text = chunks
+        .iter()
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    (text, chunks)
+}
+
+#[tokio::test]
+async fn gemini_chat_stream_and_embeddings() {
+    let mock = Mock::start("gm").await;
+    let gw = gateway(&mock).await;
+    let resp = chat(&gw, "gemini", false).await;
+    assert_eq!(resp.status(), 200, "{}", gw.log());
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("gm received"),
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    let last = &mock.stats().await["last_request"];
+    assert_eq!(
+        last["path"],
+        "/v1beta/models/gemini-1.5-flash:generateContent"
+    );
+    assert_eq!(last["headers"]["x-goog-api-key"], "g-secret");
+    assert_eq!(
+        last["json"]["systemInstruction"]["parts"][0]["text"],
+        "Be brief."
+    );
+
+    let body = chat(&gw, "gemini", true).await.text().await.unwrap();
+    let (text, chunks) = streamed(&body);
+    assert_eq!(text, "tok0 tok1 tok2 tok3 tok4 ");
+    assert!(
+        chunks.iter().any(|c| c["usage"]["completion_tokens"] == 5),
+        "{body}"
+    );
+    assert_eq!(sse_data(&body).last().unwrap(), "[DONE]");
+    assert_eq!(
+        mock.stats().await["last_request"]["path"],
+        "/v1beta/models/gemini-1.5-flash:streamGenerateContent"
+    );
+
+    let v: Value = client()
+        .post(gw.url("/v1/embeddings"))
+        .json(&json!({"model": "gemini-embed", "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["data"][1]["embedding"], json!([1.0, 0.5]));
+}
+
+#[tokio::test]
+async fn bedrock_is_signed_and_streams_event_frames() {
+    let mock = Mock::start("br").await;
+    let gw = gateway(&mock).await;
+    let resp = chat(&gw, "bedrock", false).await;
+    assert_eq!(resp.status(), 200, "{}", gw.log());
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("br received"),
+        "{v}"
+    );
+    let last = &mock.stats().await["last_request"];
+    assert_eq!(
+        last["path"],
+        "/model/anthropic.claude-3-5-sonnet-20241022-v2%3A0/converse"
+    );
+    let auth = last["headers"]["authorization"].as_str().unwrap();
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"),
+        "{auth}"
+    );
+    assert!(auth.contains("/us-east-1/bedrock/aws4_request"), "{auth}");
+    assert!(last["headers"]["x-amz-date"].is_string());
+    assert_eq!(last["json"]["system"][0]["text"], "Be brief.");
+
+    let resp = chat(&gw, "bedrock", true).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let body = resp.text().await.unwrap();
+    let (text, chunks) = streamed(&body);
+    assert_eq!(text, "tok0 tok1 tok2 tok3 tok4 ");
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "stop"));
+    assert!(
+        chunks.iter().any(|c| c["usage"]["completion_tokens"] == 5),
+        "{body}"
+    );
+    assert_eq!(sse_data(&body).last().unwrap(), "[DONE]");
+}
