@@ -33,6 +33,8 @@ pub struct App {
     pub active: Arc<AtomicU64>,
     /// Set on SIGTERM: liveliness answers 503 so load balancers stop sending traffic.
     pub draining: AtomicBool,
+    /// Vertex AI access tokens.
+    pub google_tokens: crate::google_auth::GoogleTokens,
     /// The latest background health round, when `background_health_checks` is on.
     pub health_cache: parking_lot::Mutex<Option<crate::info::HealthResults>>,
 }
@@ -57,6 +59,7 @@ impl App {
                 .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
             in_flight: AtomicU64::new(0),
             health_cache: parking_lot::Mutex::new(None),
+            google_tokens: Default::default(),
             active: Arc::new(AtomicU64::new(0)),
             draining: AtomicBool::new(false),
             config,

@@ -715,6 +715,16 @@ async fn attempt(
         forward_client_headers(session, &mut headers);
     }
     let path = join_path(&plan.target.path_prefix, &req.path);
+    if plan.provider == Provider::VertexAi {
+        match app
+            .google_tokens
+            .bearer(&app.upstream, &plan.deployment)
+            .await
+        {
+            Ok(token) => headers.push(("authorization".into(), format!("Bearer {token}"))),
+            Err(e) => return fixed(e),
+        }
+    }
     // Bedrock without an API key: SigV4 over the final method, host, path, headers and body.
     if plan.provider == Provider::Bedrock && plan.deployment.api_key.is_none() {
         let Some((creds, region)) = bedrock::credentials_from(&plan.deployment) else {

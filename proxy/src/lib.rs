@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod gateway;
+pub mod google_auth;
 pub mod inference;
 pub mod info;
 pub mod metrics;

@@ -149,3 +149,55 @@ async fn bedrock_is_signed_and_streams_event_frames() {
     );
     assert_eq!(sse_data(&body).last().unwrap(), "[DONE]");
 }
+
+#[tokio::test]
+async fn vertex_mints_and_caches_an_oauth_token() {
+    let mock = Mock::start("vx").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../filters/fixtures/vertex/test-service-account-key.pem"),
+    )
+    .unwrap();
+    let creds = dir.path().join("sa.json");
+    std::fs::write(
+        &creds,
+        json!({"type": "service_account", "project_id": "proj-1", "client_email": "sluice@proj-1.iam.gserviceaccount.com",
+               "private_key": key, "token_uri": mock.url("/token")})
+        .to_string(),
+    )
+    .unwrap();
+    let gw = Gateway::start(
+        &format!(
+            r#"
+model_list:
+  - model_name: vertex
+    litellm_params:
+      model: vertex_ai/gemini-1.5-pro
+      api_base: "{}"
+      vertex_project: proj-1
+      vertex_location: europe-west4
+      vertex_credentials: "{}"
+"#,
+            mock.url(""),
+            creds.display()
+        ),
+        &[],
+    )
+    .await;
+    for _ in 0..3 {
+        let resp = chat(&gw, "vertex", false).await;
+        assert_eq!(resp.status(), 200, "{}", gw.log());
+    }
+    let stats = mock.stats().await;
+    assert_eq!(
+        stats["calls_by_path"]["/token"], 1,
+        "one token for three calls: {stats}"
+    );
+    let last = &stats["last_request"];
+    assert_eq!(
+        last["path"],
+        "/v1/projects/proj-1/locations/europe-west4/publishers/google/models/gemini-1.5-pro:generateContent"
+    );
+    assert_eq!(last["headers"]["authorization"], "Bearer ya29.mock-vx");
+}

@@ -10,6 +10,7 @@ pub mod gemini;
 mod huggingface;
 pub mod ollama;
 mod openai;
+pub mod vertex_auth;
 
 use sluice_config::{Deployment, WireFormat};
 

@@ -553,6 +553,20 @@ fn provider_endpoint(path: &str) -> Option<Endpoint> {
 }
 
 async fn route(mock: &Arc<Mock>, req: &RequestInfo<'_>, in_flight: InFlight) -> Response {
+    // Google's OAuth token endpoint (form-encoded jwt-bearer grant).
+    if req.method == Method::POST && req.path == "/token" {
+        let form = String::from_utf8_lossy(req.body);
+        let ok = form.contains("grant-type%3Ajwt-bearer") && form.contains("assertion=ey");
+        return if ok {
+            json_response(
+                StatusCode::OK,
+                &json!({"access_token": format!("ya29.mock-{}", mock.name),
+                "expires_in": 3600, "token_type": "Bearer"}),
+            )
+        } else {
+            json_response(StatusCode::BAD_REQUEST, &json!({"error": "invalid_grant"}))
+        };
+    }
     if req.method == Method::POST {
         if let Some(ep) = provider_endpoint(req.path) {
             return inference(mock, req, ep, in_flight).await;
