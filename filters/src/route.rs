@@ -24,8 +24,25 @@ pub enum Route {
     VllmPassthrough {
         rest: String,
     },
+    /// `/{provider}/{rest}` (any method) to a hosted provider with the configured credentials.
+    ProviderPassthrough {
+        provider: &'static str,
+        rest: String,
+    },
     NotFound,
 }
+
+/// Providers with a pass-through route `/{provider}/*`.
+pub const PASSTHROUGH_PROVIDERS: &[&str] = &[
+    "openai",
+    "anthropic",
+    "gemini",
+    "vertex_ai",
+    "bedrock",
+    "azure",
+    "cohere",
+    "mistral",
+];
 
 fn op_for(path: &str) -> Option<Operation> {
     match path {
@@ -95,6 +112,18 @@ pub fn classify(method: &str, path_and_query: &str) -> Route {
             _ => {}
         }
     }
+    for provider in PASSTHROUGH_PROVIDERS {
+        if let Some(rest) = path_and_query
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(provider))
+            .filter(|rest| rest.starts_with('/'))
+        {
+            return Route::ProviderPassthrough {
+                provider,
+                rest: rest.to_string(),
+            };
+        }
+    }
     Route::NotFound
 }
 
@@ -137,6 +166,20 @@ mod tests {
             }
         );
         assert_eq!(classify("GET", "/vllmx"), Route::NotFound);
+        assert_eq!(
+            classify("POST", "/anthropic/v1/messages?beta=true"),
+            Route::ProviderPassthrough {
+                provider: "anthropic",
+                rest: "/v1/messages?beta=true".into()
+            }
+        );
+        assert_eq!(
+            classify("GET", "/openai/deployments/x/chat/completions"),
+            Route::ProviderPassthrough {
+                provider: "openai",
+                rest: "/deployments/x/chat/completions".into()
+            }
+        );
         assert_eq!(classify("GET", "/chat/completions"), Route::NotFound);
     }
 }

@@ -109,6 +109,100 @@ fn inspect(event: &[u8], strip_usage_chunk: bool, usage: &mut Option<Usage>) -> 
     false
 }
 
+/// Usage read from a pass-through response whatever its shape: OpenAI's `usage`
+/// (`prompt_tokens`/`completion_tokens`), Anthropic's (`input_tokens`/`output_tokens`, spread
+/// over `message_start` and `message_delta` in streams) and Gemini's `usageMetadata`; SSE or a
+/// whole JSON body. The bytes themselves pass on untouched; only a copy is inspected.
+#[derive(Debug, Default)]
+pub struct PassthroughUsage {
+    sse: bool,
+    splitter: SseSplitter,
+    /// A JSON body, kept up to [`PASSTHROUGH_JSON_CAP`] bytes.
+    json: Vec<u8>,
+    usage: Option<Usage>,
+}
+
+/// Whole-body responses larger than this are not inspected for usage.
+pub const PASSTHROUGH_JSON_CAP: usize = 4 * 1024 * 1024;
+
+impl PassthroughUsage {
+    /// `content_type` of the response decides between SSE and a whole JSON body.
+    pub fn new(content_type: &str) -> Self {
+        PassthroughUsage {
+            sse: content_type.starts_with("text/event-stream"),
+            ..Default::default()
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.sse {
+            let Self {
+                splitter, usage, ..
+            } = self;
+            splitter.feed(chunk, |event| merge_event_usage(event, usage));
+        } else if self.json.len() + chunk.len() <= PASSTHROUGH_JSON_CAP {
+            self.json.extend_from_slice(chunk);
+        } else {
+            self.json = Vec::new();
+            self.sse = false;
+        }
+    }
+
+    /// The usage found, once the response is complete.
+    pub fn finish(mut self) -> Option<Usage> {
+        if self.sse {
+            let Self {
+                mut splitter,
+                mut usage,
+                ..
+            } = self;
+            splitter.finish(|event| merge_event_usage(event, &mut usage));
+            return usage;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&self.json).ok()?;
+        merge_value_usage(&v, &mut self.usage);
+        self.usage
+    }
+}
+
+fn merge_event_usage(event: &[u8], usage: &mut Option<Usage>) {
+    if memmem::find(event, b"sage").is_none() {
+        return;
+    }
+    let Some(data) = event_data(event) else {
+        return;
+    };
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+        merge_value_usage(&v, usage);
+    }
+}
+
+fn merge_value_usage(v: &serde_json::Value, usage: &mut Option<Usage>) {
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+    let found = v
+        .get("usage")
+        .or_else(|| v.pointer("/message/usage"))
+        .or_else(|| v.get("usageMetadata"));
+    let Some(u) = found.filter(|u| u.is_object()) else {
+        return;
+    };
+    let prompt = n(u, "prompt_tokens")
+        .or_else(|| n(u, "input_tokens"))
+        .or_else(|| n(u, "promptTokenCount"));
+    let completion = n(u, "completion_tokens")
+        .or_else(|| n(u, "output_tokens"))
+        .or_else(|| n(u, "candidatesTokenCount"));
+    let current = usage.get_or_insert_with(Usage::default);
+    // Streams report input early and output late: keep the largest of each.
+    if let Some(p) = prompt {
+        current.prompt_tokens = current.prompt_tokens.max(p);
+    }
+    if let Some(c) = completion {
+        current.completion_tokens = current.completion_tokens.max(c);
+    }
+    current.total_tokens = current.prompt_tokens + current.completion_tokens;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +244,29 @@ data: [DONE]\n\n";
             assert!(!out.contains("usage"), "{out}");
             assert!(out.ends_with("data: [DONE]\n\n"));
             assert_eq!(usage, expected_usage);
+        }
+    }
+
+    #[test]
+    fn passthrough_usage_in_every_shape() {
+        let mut p = PassthroughUsage::new("application/json");
+        p.feed(br#"{"choices":[],"usage":{"prompt_tokens":3,"#);
+        p.feed(br#""completion_tokens":4,"total_tokens":7}}"#);
+        assert_eq!(p.finish().unwrap().total_tokens, 7);
+        let mut p = PassthroughUsage::new("application/json");
+        p.feed(br#"{"usageMetadata":{"promptTokenCount":2,"candidatesTokenCount":5}}"#);
+        assert_eq!(p.finish().unwrap().completion_tokens, 5);
+        let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\n";
+        for split in [1, 5, stream.len()] {
+            let mut p = PassthroughUsage::new("text/event-stream");
+            for c in stream.as_bytes().chunks(split) {
+                p.feed(c);
+            }
+            let u = p.finish().unwrap();
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+                (10, 42, 52)
+            );
         }
     }
 

@@ -33,6 +33,9 @@ pub struct App {
     pub active: Arc<AtomicU64>,
     /// Set on SIGTERM: liveliness answers 503 so load balancers stop sending traffic.
     pub draining: AtomicBool,
+    /// Credentials and base per provider pass-through route: the provider's first configured
+    /// deployment, else its environment defaults.
+    pub passthrough: std::collections::HashMap<&'static str, Arc<crate::router::DeploymentState>>,
     /// Vertex AI access tokens.
     pub google_tokens: crate::google_auth::GoogleTokens,
     /// The latest background health round, when `background_health_checks` is on.
@@ -43,8 +46,22 @@ impl App {
     pub fn new(config: Config) -> App {
         let auth: Box<dyn Authenticator> =
             Box::new(MasterKeyAuth::new(config.general.master_key.clone()));
+        let router = Router::new(&config);
+        let passthrough = sluice_filters::route::PASSTHROUGH_PROVIDERS
+            .iter()
+            .filter_map(|p| {
+                let configured = router
+                    .all_deployments()
+                    .find(|d| d.config.provider.name() == *p && !d.config.is_wildcard())
+                    .cloned();
+                configured
+                    .or_else(|| environment_deployment(p))
+                    .map(|d| (*p, d))
+            })
+            .collect();
         App {
-            router: Router::new(&config),
+            passthrough,
+            router,
             auth,
             upstream: Upstream::default(),
             metrics: Metrics::new(),
@@ -65,6 +82,17 @@ impl App {
             config,
         }
     }
+}
+
+/// A deployment of `provider` with only its environment defaults (keys, bases, AWS and Google
+/// credentials), for pass-through routes no `model_list` entry covers.
+fn environment_deployment(provider: &str) -> Option<Arc<crate::router::DeploymentState>> {
+    let yaml = format!(
+        "model_list: [{{model_name: pass-through-{provider}, litellm_params: {{model: {provider}/pass-through}}}}]"
+    );
+    let config = sluice_config::parse_config(&yaml, std::path::Path::new("<pass-through>")).ok()?;
+    let d = config.deployments.into_iter().next()?;
+    Some(crate::router::DeploymentState::standalone(d))
 }
 
 /// Counts one request as active until dropped.

@@ -164,6 +164,19 @@ impl Gateway {
                 self.authenticate(session)?;
                 crate::inference::handle_anthropic_count_tokens(app, session, ctx).await
             }
+            Route::ProviderPassthrough { provider, rest } => {
+                ctx.route = "pass_through";
+                // Gemini clients may send the gateway key as `?key=`, as Google's SDKs do.
+                let principal = match self.authenticate(session) {
+                    Err(e) if provider == "gemini" => match query_param(&path, "key") {
+                        Some(key) => self.app.auth.authenticate(Some(&key)),
+                        None => Err(e),
+                    },
+                    other => other,
+                };
+                principal?;
+                crate::passthrough::provider(app, session, ctx, provider, &method, &rest).await
+            }
             Route::VllmPassthrough { rest } => {
                 ctx.route = "/vllm";
                 self.authenticate(session)?;

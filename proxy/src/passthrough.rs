@@ -9,6 +9,8 @@ use pingora::proxy::Session;
 use sluice_config::WireFormat;
 use sluice_filters::auth::KEY_HEADERS;
 use sluice_filters::body::RequestBody;
+use sluice_filters::provider::{anthropic, bedrock};
+use sluice_filters::usage::{PassthroughUsage, Usage};
 use sluice_filters::ApiError;
 
 use crate::app::App;
@@ -191,6 +193,135 @@ pub async fn vllm(
     result
 }
 
+/// `/{provider}/{rest}`: the provider's own API with the configured credentials in place of
+/// the client's key (Bedrock requests are signed anew with SigV4).
+pub async fn provider(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    provider: &str,
+    method: &str,
+    rest: &str,
+) -> Result<(), ApiError> {
+    let d = app.passthrough.get(provider).cloned().ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "No credentials for the {provider} pass-through route"
+        ))
+    })?;
+    let c = &d.config;
+    let target = root_of(&d.target.clone().map_err(|e| {
+        ApiError::new(
+            500,
+            "internal_server_error",
+            format!("{provider} pass-through: {e}"),
+        )
+    })?);
+    let body = read_body(session, app.max_request_bytes).await?;
+    let mut headers: Vec<(String, String)> = client_headers(session, app)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("x-amz-"))
+        .collect();
+    let set = |headers: &mut Vec<(String, String)>, k: &str, v: String| {
+        headers.retain(|(n, _)| n != k);
+        headers.push((k.to_string(), v));
+    };
+    let mut rest = rest.to_string();
+    let key = c.api_key.clone().filter(|k| !k.is_empty());
+    match provider {
+        "anthropic" => {
+            if !headers.iter().any(|(k, _)| k == "anthropic-version") {
+                headers.push(("anthropic-version".into(), anthropic::API_VERSION.into()));
+            }
+            if let Some(k) = key {
+                set(&mut headers, "x-api-key", k);
+            }
+        }
+        "gemini" => {
+            rest = without_query_param(&rest, "key");
+            if let Some(k) = key {
+                set(&mut headers, "x-goog-api-key", k);
+            }
+        }
+        "azure" => {
+            if let Some(k) = key {
+                set(&mut headers, "api-key", k);
+            }
+        }
+        "vertex_ai" => {
+            let token = app.google_tokens.bearer(&app.upstream, c).await?;
+            set(&mut headers, "authorization", format!("Bearer {token}"));
+        }
+        "bedrock" => {}
+        _ => {
+            if let Some(k) = key {
+                set(&mut headers, "authorization", format!("Bearer {k}"));
+            }
+            if let Some(org) = &c.organization {
+                set(&mut headers, "openai-organization", org.clone());
+            }
+        }
+    }
+    headers.extend(c.extra_headers.iter().cloned());
+    let path = format!("{}{}", target.path_prefix, rest);
+    if provider == "bedrock" {
+        let (creds, region) = bedrock::credentials_from(c).ok_or_else(|| {
+            ApiError::new(
+                401,
+                "auth_error",
+                "No AWS credentials for the bedrock pass-through route: configure a bedrock deployment or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
+            )
+        })?;
+        let signed = bedrock::sign_request(
+            method,
+            &target.authority,
+            &path,
+            &headers,
+            &body,
+            &creds,
+            &region,
+            bedrock::SERVICE,
+            std::time::SystemTime::now(),
+        );
+        headers.extend(signed);
+    }
+    ctx.requested_model
+        .get_or_insert_with(|| provider.to_string());
+    forward(app, session, ctx, &target, method, &path, &headers, body).await
+}
+
+/// `rest` (path and query) without the query parameter `name`.
+fn without_query_param(rest: &str, name: &str) -> String {
+    let Some((path, query)) = rest.split_once('?') else {
+        return rest.to_string();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split('=').next() != Some(name))
+        .collect();
+    if kept.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    }
+}
+
+/// Usage seen on a pass-through response, counted like any call's (LiteLLM counts none on
+/// `/vllm/*`; Sluice does).
+fn record_usage(app: &App, ctx: &Ctx, u: Usage) {
+    let model = ctx.requested_model.as_deref().unwrap_or(ctx.route);
+    let m = &app.metrics;
+    m.input_tokens
+        .with_label_values(&[model])
+        .inc_by(u.prompt_tokens);
+    m.output_tokens
+        .with_label_values(&[model])
+        .inc_by(u.completion_tokens);
+    m.total_tokens
+        .with_label_values(&[model])
+        .inc_by(u.total_tokens);
+    tracing::debug!(call_id = %ctx.call_id, prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens, "pass-through usage");
+}
+
 /// The server root of a target: vLLM's native routes live beside `/v1`, not under it.
 fn root_of(t: &Target) -> Target {
     let prefix = t.path_prefix.strip_suffix("/v1").unwrap_or(&t.path_prefix);
@@ -269,6 +400,14 @@ async fn forward(
         app.upstream.release(resp).await;
         return Ok(());
     }
+    let content_type = resp
+        .header
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mut usage = (status < 400).then(|| PassthroughUsage::new(&content_type));
     loop {
         let waited = Instant::now();
         let next = tokio::select! {
@@ -278,6 +417,9 @@ async fn forward(
         ctx.upstream_wait += waited.elapsed();
         match next {
             Ok(Some(chunk)) => {
+                if let Some(u) = &mut usage {
+                    u.feed(&chunk);
+                }
                 if session
                     .write_response_body(Some(chunk), false)
                     .await
@@ -289,6 +431,9 @@ async fn forward(
             Ok(None) => {
                 let _ = session.write_response_body(None, true).await;
                 app.upstream.release(resp).await;
+                if let Some(u) = usage.and_then(PassthroughUsage::finish) {
+                    record_usage(app, ctx, u);
+                }
                 return Ok(());
             }
             Err(e) => {

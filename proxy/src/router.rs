@@ -120,6 +120,11 @@ impl DeploymentState {
         }
     }
 
+    /// A deployment outside any group (pass-through defaults built from the environment).
+    pub fn standalone(config: Deployment) -> Arc<Self> {
+        Arc::new(Self::new(config, 1))
+    }
+
     pub fn id(&self) -> &str {
         &self.config.id
     }
