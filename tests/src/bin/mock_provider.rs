@@ -634,7 +634,8 @@ async fn inference(
     if let Some(status) = mock.take_fail() {
         return scripted_error(status);
     }
-    let script = Script::parse(req.model.unwrap_or(""));
+    // Gemini, Vertex and Bedrock name the model in the path, not the body.
+    let script = Script::parse(req.model.unwrap_or(req.path));
     if let Some(ms) = script.slow_ms {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
