@@ -174,10 +174,17 @@ model_list:
   - model_name: vertex
     litellm_params:
       model: vertex_ai/gemini-1.5-pro
-      api_base: "{}"
+      api_base: "{0}"
       vertex_project: proj-1
       vertex_location: europe-west4
-      vertex_credentials: "{}"
+      vertex_credentials: "{1}"
+  - model_name: vertex-embed
+    litellm_params:
+      model: vertex_ai/text-embedding-004
+      api_base: "{0}"
+      vertex_project: proj-1
+      vertex_credentials: "{1}"
+    model_info: {{mode: embedding}}
 "#,
             mock.url(""),
             creds.display()
@@ -200,4 +207,131 @@ model_list:
         "/v1/projects/proj-1/locations/europe-west4/publishers/google/models/gemini-1.5-pro:generateContent"
     );
     assert_eq!(last["headers"]["authorization"], "Bearer ya29.mock-vx");
+
+    let v: Value = client()
+        .post(gw.url("/v1/embeddings"))
+        .json(&json!({"model": "vertex-embed", "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["data"][1]["embedding"], json!([1.0, 0.75]), "{v}");
+    let last = mock.stats().await["last_request"].clone();
+    assert!(
+        last["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("/models/text-embedding-004:predict"),
+        "{last}"
+    );
+    assert_eq!(
+        mock.stats().await["calls_by_path"]["/token"],
+        1,
+        "the token is shared by the account"
+    );
+}
+
+fn tools() -> Value {
+    json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}])
+}
+
+async fn tool_chat(gw: &Gateway, model: &str, stream: bool) -> reqwest::Response {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(
+            &json!({"model": model, "stream": stream, "tools": tools(), "tool_choice": "auto",
+                      "messages": [{"role": "user", "content": "weather in Paris?"}]}),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tools_and_embeddings_on_gemini_vertex_and_bedrock() {
+    let mock = Mock::start("tl").await;
+    let root = mock.url("");
+    let gw = Gateway::start(
+        &format!(
+            r#"
+model_list:
+  - {{model_name: gemini-tool, litellm_params: {{model: gemini/gemini-tool-user, api_base: "{root}", api_key: g}}}}
+  - model_name: bedrock-tool
+    litellm_params: {{model: bedrock/anthropic.claude-tool-user, api_base: "{root}", aws_access_key_id: AKID, aws_secret_access_key: s, aws_region_name: us-east-1}}
+  - model_name: titan
+    litellm_params: {{model: bedrock/amazon.titan-embed-text-v2:0, api_base: "{root}", aws_access_key_id: AKID, aws_secret_access_key: s, aws_region_name: us-east-1}}
+    model_info: {{mode: embedding}}
+  - model_name: bedrock-cohere
+    litellm_params: {{model: bedrock/cohere.embed-english-v3, api_base: "{root}", aws_access_key_id: AKID, aws_secret_access_key: s, aws_region_name: us-east-1}}
+    model_info: {{mode: embedding}}
+"#
+        ),
+        &[],
+    )
+    .await;
+
+    for model in ["gemini-tool", "bedrock-tool"] {
+        let v: Value = tool_chat(&gw, model, false).await.json().await.unwrap();
+        let call = &v["choices"][0]["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "get_weather", "{model}: {v}");
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args["location"], "Paris");
+        assert_eq!(
+            v["choices"][0]["finish_reason"], "tool_calls",
+            "{model}: {v}"
+        );
+    }
+    let last = mock.stats().await["last_request"].clone();
+    assert_eq!(
+        last["json"]["toolConfig"]["tools"][0]["toolSpec"]["name"],
+        "get_weather"
+    );
+
+    let body = tool_chat(&gw, "bedrock-tool", true)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let (_, chunks) = streamed(&body);
+    let args: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&args).unwrap()["location"],
+        "Paris",
+        "{body}"
+    );
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "tool_calls"));
+
+    let v: Value = client()
+        .post(gw.url("/v1/embeddings"))
+        .json(&json!({"model": "titan", "input": "hello"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["data"][0]["embedding"], json!([0.5, 0.25, 0.125]), "{v}");
+    assert_eq!(
+        mock.stats().await["last_request"]["json"]["inputText"],
+        "hello"
+    );
+    let v: Value = client()
+        .post(gw.url("/v1/embeddings"))
+        .json(&json!({"model": "bedrock-cohere", "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2, "{v}");
 }

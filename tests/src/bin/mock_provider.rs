@@ -444,6 +444,9 @@ enum Endpoint {
     /// Bedrock `/model/{id}/converse` and `/converse-stream`.
     BedrockConverse,
     BedrockStream,
+    /// Bedrock `/model/{id}/invoke` (Titan and Cohere embeddings) and Vertex `:predict`.
+    BedrockInvoke,
+    VertexPredict,
 }
 
 impl Endpoint {
@@ -532,6 +535,7 @@ fn provider_endpoint(path: &str) -> Option<Endpoint> {
             "generateContent" => Endpoint::GeminiGenerate,
             "streamGenerateContent" => Endpoint::GeminiStream,
             "batchEmbedContents" => Endpoint::GeminiEmbed,
+            "predict" => Endpoint::VertexPredict,
             _ => return None,
         });
     }
@@ -539,6 +543,7 @@ fn provider_endpoint(path: &str) -> Option<Endpoint> {
         return Some(match rest.rsplit_once('/')?.1 {
             "converse" => Endpoint::BedrockConverse,
             "converse-stream" => Endpoint::BedrockStream,
+            "invoke" => Endpoint::BedrockInvoke,
             _ => return None,
         });
     }
@@ -686,6 +691,94 @@ async fn inference(
     match ep {
         Endpoint::Messages if streaming => anthropic_sse(mock, req, &script, in_flight),
         Endpoint::Messages => json_response(StatusCode::OK, &anthropic_message(mock, req)),
+        Endpoint::BedrockInvoke => match req.json_field("texts").and_then(Value::as_array) {
+            Some(texts) => json_response(
+                StatusCode::OK,
+                &json!({"id": "e", "texts": texts,
+                "embeddings": (0..texts.len()).map(|i| vec![i as f64, 0.25]).collect::<Vec<_>>()}),
+            ),
+            None => json_response(
+                StatusCode::OK,
+                &json!({"embedding": [0.5, 0.25, 0.125], "inputTextTokenCount": 3}),
+            ),
+        },
+        Endpoint::VertexPredict => {
+            let n = req
+                .json_field("instances")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            json_response(
+                StatusCode::OK,
+                &json!({"predictions": (0..n).map(|i| json!({"embeddings": {"values": [i as f64, 0.75], "statistics": {"token_count": 2, "truncated": false}}})).collect::<Vec<_>>()}),
+            )
+        }
+        Endpoint::GeminiGenerate if wants_tool(req) => {
+            let name = req
+                .json_field("tools")
+                .and_then(|t| t.pointer("/0/functionDeclarations/0/name"))
+                .cloned()
+                .unwrap_or(json!("tool"));
+            json_response(
+                StatusCode::OK,
+                &json!({
+                "candidates": [{"content": {"role": "model", "parts": [{"functionCall": {"name": name, "args": {"location": "Paris"}}}]},
+                                "finishReason": "STOP", "index": 0}],
+                "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 4, "totalTokenCount": 11}}),
+            )
+        }
+        Endpoint::BedrockConverse if wants_tool(req) => {
+            let name = req
+                .json_field("toolConfig")
+                .and_then(|t| t.pointer("/tools/0/toolSpec/name"))
+                .cloned()
+                .unwrap_or(json!("tool"));
+            json_response(
+                StatusCode::OK,
+                &json!({
+                "output": {"message": {"role": "assistant", "content": [{"text": "Checking."}, {"toolUse": {"toolUseId": "tooluse_1", "name": name, "input": {"location": "Paris"}}}]}},
+                "stopReason": "tool_use",
+                "usage": {"inputTokens": 7, "outputTokens": 4, "totalTokens": 11}}),
+            )
+        }
+        Endpoint::BedrockStream if wants_tool(req) => {
+            let name = req
+                .json_field("toolConfig")
+                .and_then(|t| t.pointer("/tools/0/toolSpec/name"))
+                .cloned()
+                .unwrap_or(json!("tool"));
+            let frames = [
+                event_frame("messageStart", &json!({"role": "assistant"})),
+                event_frame(
+                    "contentBlockStart",
+                    &json!({"contentBlockIndex": 0, "start": {"toolUse": {"toolUseId": "tooluse_1", "name": name}}}),
+                ),
+                event_frame(
+                    "contentBlockDelta",
+                    &json!({"contentBlockIndex": 0, "delta": {"toolUse": {"input": "{\"location\":"}}}),
+                ),
+                event_frame(
+                    "contentBlockDelta",
+                    &json!({"contentBlockIndex": 0, "delta": {"toolUse": {"input": " \"Paris\"}"}}}),
+                ),
+                event_frame("contentBlockStop", &json!({"contentBlockIndex": 0})),
+                event_frame("messageStop", &json!({"stopReason": "tool_use"})),
+                event_frame(
+                    "metadata",
+                    &json!({"usage": {"inputTokens": 7, "outputTokens": 4, "totalTokens": 11}, "metrics": {"latencyMs": 1}}),
+                ),
+            ];
+            let steps = frames
+                .into_iter()
+                .map(|f| (Duration::ZERO, Step::Chunk(f)))
+                .collect();
+            let guard = StreamGuard::new(mock, in_flight);
+            let mut resp = Response::new(step_body(steps, guard));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/vnd.amazon.eventstream"),
+            );
+            resp
+        }
         Endpoint::GeminiGenerate => json_response(
             StatusCode::OK,
             &json!({
@@ -1153,6 +1246,12 @@ fn ollama_chat(
         HeaderValue::from_static("application/x-ndjson"),
     );
     resp
+}
+
+/// Gemini and Bedrock name the model in the path: a `tool` model with tools offered calls one.
+fn wants_tool(req: &RequestInfo<'_>) -> bool {
+    req.path.contains("tool")
+        && (req.json_field("tools").is_some() || req.json_field("toolConfig").is_some())
 }
 
 /// One AWS event-stream frame: prelude (lengths + CRC), string headers, JSON payload, CRC.
