@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use sluice_config::Deployment;
 
+use super::common::{bad, now, parse_field, raw_value, OpenAiMessage};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::classify::FailureKind;
@@ -57,48 +58,6 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 /// The same, keeping `/` (SigV4 canonical URIs).
 const UNRESERVED_AND_SLASH: &AsciiSet = &UNRESERVED.remove(b'/');
-
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError::bad_request(msg)
-}
-
-fn parse_field<T: serde::de::DeserializeOwned>(
-    body: &RequestBody<'_>,
-    key: &str,
-) -> Result<Option<T>, ApiError> {
-    match body.raw(key) {
-        None | Some("null") => Ok(None),
-        Some(raw) => serde_json::from_str(raw)
-            .map(Some)
-            .map_err(|e| bad(format!("Invalid request body: `{key}`: {e}")).with_param(key)),
-    }
-}
-
-#[derive(Deserialize)]
-struct OpenAiMessage {
-    role: String,
-    #[serde(default)]
-    content: Value,
-    #[serde(default)]
-    tool_calls: Option<Vec<OpenAiToolCall>>,
-    #[serde(default)]
-    tool_call_id: Option<String>,
-    #[serde(default)]
-    reasoning_content: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct OpenAiToolCall {
-    id: String,
-    function: OpenAiFunctionCall,
-}
-
-#[derive(Deserialize)]
-struct OpenAiFunctionCall {
-    name: String,
-    #[serde(default)]
-    arguments: String,
-}
 
 /// The `cachePoint` block that follows content the client marked with `cache_control`.
 fn cache_point() -> Value {
@@ -333,10 +292,6 @@ fn headers_for(d: &Deployment) -> Vec<(String, String)> {
     }
     headers.extend(d.extra_headers.iter().cloned());
     headers
-}
-
-fn raw_value(body: &RequestBody<'_>, key: &str) -> Result<Option<Value>, ApiError> {
-    parse_field::<Value>(body, key).map(|v| v.filter(|v| !v.is_null()))
 }
 
 pub(super) fn build_request(
@@ -636,13 +591,6 @@ impl BedrockUsage {
             total_tokens: self.prompt() + self.output_tokens,
         }
     }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn hex(bytes: &[u8]) -> String {

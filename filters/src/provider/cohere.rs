@@ -4,6 +4,7 @@
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
+use super::common::{now, raw_value, usage_json};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -17,15 +18,6 @@ const UNSUPPORTED: &[&str] = &[
     "parallel_tool_calls",
     "user",
 ];
-
-fn raw_value(body: &RequestBody<'_>, key: &str) -> Result<Option<Value>, ApiError> {
-    match body.raw(key) {
-        None | Some("null") => Ok(None),
-        Some(raw) => serde_json::from_str(raw)
-            .map(Some)
-            .map_err(|e| ApiError::bad_request(format!("`{key}`: {e}")).with_param(key)),
-    }
-}
 
 pub(super) fn build_request(
     op: Operation,
@@ -172,17 +164,6 @@ fn usage_from(v: &Value) -> Usage {
         completion_tokens: c,
         total_tokens: p + c,
     }
-}
-
-fn usage_json(u: &Usage) -> Value {
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 pub(super) fn translate_response(

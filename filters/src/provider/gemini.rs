@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
+use super::common::{bad, now, parse_field, OpenAiMessage};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::classify::{classify_status, FailureKind};
@@ -67,48 +68,6 @@ const NATIVE_TOOLS: &[&str] = &[
     "codeExecution",
     "urlContext",
 ];
-
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError::bad_request(msg)
-}
-
-fn parse_field<T: serde::de::DeserializeOwned>(
-    body: &RequestBody<'_>,
-    key: &str,
-) -> Result<Option<T>, ApiError> {
-    match body.raw(key) {
-        None | Some("null") => Ok(None),
-        Some(raw) => serde_json::from_str(raw)
-            .map(Some)
-            .map_err(|e| bad(format!("Invalid request body: `{key}`: {e}")).with_param(key)),
-    }
-}
-
-#[derive(Deserialize)]
-struct OpenAiMessage {
-    role: String,
-    #[serde(default)]
-    content: Value,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    tool_calls: Option<Vec<OpenAiToolCall>>,
-    #[serde(default)]
-    tool_call_id: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct OpenAiToolCall {
-    id: String,
-    function: OpenAiFunctionCall,
-}
-
-#[derive(Deserialize)]
-struct OpenAiFunctionCall {
-    name: String,
-    #[serde(default)]
-    arguments: String,
-}
 
 /// OpenAI message content (a string or a list of parts) as Gemini parts.
 fn content_parts(content: &Value) -> Result<Vec<Value>, ApiError> {
@@ -873,13 +832,6 @@ impl GeminiUsage {
             total_tokens: self.total(),
         }
     }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// An id for a response that carries no `responseId` (Vertex before 2025, some proxies).

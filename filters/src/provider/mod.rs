@@ -6,6 +6,7 @@ pub mod anthropic;
 mod azure;
 pub mod bedrock;
 pub mod cohere;
+mod common;
 pub mod gemini;
 mod huggingface;
 pub mod ollama;

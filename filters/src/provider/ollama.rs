@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
+use super::common::{now, raw_value, usage_json};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -18,15 +19,6 @@ const UNSUPPORTED: &[&str] = &[
     "n",
     "parallel_tool_calls",
 ];
-
-fn raw_value(body: &RequestBody<'_>, key: &str) -> Result<Option<Value>, ApiError> {
-    match body.raw(key) {
-        None | Some("null") => Ok(None),
-        Some(raw) => serde_json::from_str(raw)
-            .map(Some)
-            .map_err(|e| ApiError::bad_request(format!("`{key}`: {e}")).with_param(key)),
-    }
-}
 
 /// OpenAI message content as Ollama's text plus base64 images.
 fn flatten_content(content: &Value) -> (String, Vec<String>) {
@@ -225,10 +217,6 @@ fn usage_of(r: &OllamaReply) -> Usage {
     }
 }
 
-fn usage_json(u: &Usage) -> Value {
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
-}
-
 fn tool_calls(message: &Value) -> Vec<Value> {
     message["tool_calls"]
         .as_array()
@@ -259,13 +247,6 @@ fn finish_reason(r: &OllamaReply, has_tools: bool) -> &'static str {
         Some("length") => "length",
         _ => "stop",
     }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 pub(super) fn translate_response(
