@@ -16,7 +16,7 @@
 //! benchmark instead of timing its error path.
 //!
 //! ```sh
-//! cargo bench -p sluice-benches --bench translation            # everything (~1.5 min)
+//! cargo bench -p sluice-benches --bench translation            # everything (~2 min)
 //! cargo bench -p sluice-benches --bench translation -- stream/  # one group
 //! ```
 
