@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, OpenAiMessage};
+use super::common::{bad, now, parse_field, CachedUsage, OpenAiMessage};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -359,27 +359,25 @@ struct AnthropicUsage {
 }
 
 impl AnthropicUsage {
+    fn cached(&self) -> CachedUsage {
+        CachedUsage {
+            input: self.input_tokens,
+            output: self.output_tokens,
+            cache_read: self.cache_read_input_tokens,
+            cache_write: self.cache_creation_input_tokens,
+        }
+    }
+
     fn prompt(&self) -> u64 {
-        self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+        self.cached().prompt()
     }
 
     fn openai(&self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt(),
-            "completion_tokens": self.output_tokens,
-            "total_tokens": self.prompt() + self.output_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cache_read_input_tokens},
-            "cache_creation_input_tokens": self.cache_creation_input_tokens,
-            "cache_read_input_tokens": self.cache_read_input_tokens,
-        })
+        self.cached().openai()
     }
 
     fn usage(&self) -> Usage {
-        Usage {
-            prompt_tokens: self.prompt(),
-            completion_tokens: self.output_tokens,
-            total_tokens: self.prompt() + self.output_tokens,
-        }
+        self.cached().usage()
     }
 }
 

@@ -71,3 +71,39 @@ pub(super) fn now() -> u64 {
 pub(super) fn usage_json(u: &Usage) -> Value {
     json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
 }
+
+/// Token counts of providers that report prompt caching apart from fresh input (Anthropic,
+/// Bedrock): OpenAI counts all of it as prompt tokens and names the cached part.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct CachedUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+}
+
+impl CachedUsage {
+    pub fn prompt(&self) -> u64 {
+        self.input + self.cache_read + self.cache_write
+    }
+
+    /// OpenAI's `usage` object with the cache details LiteLLM adds.
+    pub fn openai(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt(),
+            "completion_tokens": self.output,
+            "total_tokens": self.prompt() + self.output,
+            "prompt_tokens_details": {"cached_tokens": self.cache_read},
+            "cache_creation_input_tokens": self.cache_write,
+            "cache_read_input_tokens": self.cache_read,
+        })
+    }
+
+    pub fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt(),
+            completion_tokens: self.output,
+            total_tokens: self.prompt() + self.output,
+        }
+    }
+}
