@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, CachedUsage, OpenAiMessage};
+use super::common::{bad, now, parse_field, CachedUsage, ChunkWriter, OpenAiMessage};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -464,6 +464,7 @@ pub struct AnthropicStream {
     id: String,
     model: String,
     created: u64,
+    writer: ChunkWriter,
     usage: AnthropicUsage,
     /// Content block index → OpenAI tool call index (`None` for the JSON-answer tool).
     blocks: Vec<(u64, Option<usize>)>,
@@ -475,9 +476,11 @@ pub struct AnthropicStream {
 
 impl AnthropicStream {
     pub fn new(model: &str, include_usage: bool) -> Self {
+        let created = now();
         AnthropicStream {
             model: model.to_string(),
-            created: now(),
+            created,
+            writer: ChunkWriter::new("", created, model),
             include_usage,
             ..Default::default()
         }
@@ -500,16 +503,7 @@ impl AnthropicStream {
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
-        let c = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        });
-        out.extend_from_slice(b"data: ");
-        serde_json::to_writer(&mut *out, &c).expect("json serializes");
-        out.extend_from_slice(b"\n\n");
+        self.writer.delta(out, 0, &delta, finish);
     }
 
     fn event(&mut self, event: &[u8], out: &mut Vec<u8>) {
@@ -523,6 +517,7 @@ impl AnthropicStream {
             Some("message_start") => {
                 let m = &v["message"];
                 self.id = m["id"].as_str().unwrap_or_default().to_string();
+                self.writer = ChunkWriter::new(&self.id, self.created, &self.model);
                 if let Ok(u) = serde_json::from_value::<AnthropicUsage>(m["usage"].clone()) {
                     self.usage = u;
                 }
@@ -610,15 +605,7 @@ impl AnthropicStream {
         }
         self.finished = true;
         if self.include_usage {
-            let c = json!({
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": self.usage.openai(),
-            });
-            out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
+            self.writer.usage(out, &self.usage.openai());
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
     }

@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, raw_value, CachedUsage, OpenAiMessage};
+use super::common::{bad, now, parse_field, raw_value, CachedUsage, ChunkWriter, OpenAiMessage};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::classify::FailureKind;
@@ -1299,9 +1299,8 @@ fn parse_headers(mut b: &[u8]) -> Result<Vec<(String, String)>, EventStreamError
 /// of the input.
 pub struct BedrockStream {
     decoder: EventStreamDecoder,
-    id: String,
-    model: String,
-    created: u64,
+    /// The stream's fixed chunk envelope (id, created, model).
+    writer: ChunkWriter,
     usage: Option<BedrockUsage>,
     /// Content block index → OpenAI tool call index (`None` for the JSON-answer tool).
     blocks: Vec<(u64, Option<usize>)>,
@@ -1316,9 +1315,7 @@ impl BedrockStream {
     pub fn new(model: &str, include_usage: bool) -> Self {
         BedrockStream {
             decoder: EventStreamDecoder::new(),
-            id: completion_id(),
-            model: model.to_string(),
-            created: now(),
+            writer: ChunkWriter::new(&completion_id(), now(), model),
             usage: None,
             blocks: vec![],
             tool_calls: 0,
@@ -1378,16 +1375,7 @@ impl BedrockStream {
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
-        let c = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        });
-        out.extend_from_slice(b"data: ");
-        serde_json::to_writer(&mut *out, &c).expect("json serializes");
-        out.extend_from_slice(b"\n\n");
+        self.writer.delta(out, 0, &delta, finish);
     }
 
     fn message(&mut self, m: &EventMessage, out: &mut Vec<u8>) {
@@ -1502,15 +1490,7 @@ impl BedrockStream {
         }
         self.finished = true;
         if let (true, Some(u)) = (self.include_usage, self.usage) {
-            let c = json!({
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": u.openai(),
-            });
-            out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
+            self.writer.usage(out, &u.openai());
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
     }

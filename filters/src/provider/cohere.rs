@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
-use super::common::{now, raw_value, usage_json};
+use super::common::{now, raw_value, usage_json, ChunkWriter};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -240,6 +240,7 @@ pub struct CohereStream {
     id: String,
     model: String,
     created: u64,
+    writer: ChunkWriter,
     include_usage: bool,
     usage: Option<Usage>,
     tool_index: usize,
@@ -248,9 +249,11 @@ pub struct CohereStream {
 
 impl CohereStream {
     pub fn new(model: &str, include_usage: bool) -> Self {
+        let created = now();
         CohereStream {
             model: model.into(),
-            created: now(),
+            created,
+            writer: ChunkWriter::new("", created, model),
             include_usage,
             ..Default::default()
         }
@@ -274,9 +277,7 @@ impl CohereStream {
     }
 
     fn emit(&self, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
-        let c = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-        out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
+        self.writer.delta(out, 0, &delta, finish);
     }
 
     fn event(&mut self, event: &[u8], out: &mut Vec<u8>) {
@@ -289,6 +290,7 @@ impl CohereStream {
         match v["type"].as_str() {
             Some("message-start") => {
                 self.id = v["id"].as_str().unwrap_or_default().to_string();
+                self.writer = ChunkWriter::new(&self.id, self.created, &self.model);
                 self.emit(json!({"role": "assistant", "content": ""}), None, out);
             }
             Some("content-delta") => {
@@ -338,8 +340,7 @@ impl CohereStream {
         }
         self.finished = true;
         if let (true, Some(u)) = (self.include_usage, self.usage) {
-            let c = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [], "usage": usage_json(&u)});
-            out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
+            self.writer.usage(out, &usage_json(&u));
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
     }

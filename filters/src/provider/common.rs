@@ -107,3 +107,90 @@ impl CachedUsage {
         }
     }
 }
+
+/// Writes OpenAI `chat.completion.chunk` SSE events. The part that stays the same for a whole
+/// stream (id, created, model) is serialized once, not per chunk.
+#[derive(Debug, Default, Clone)]
+pub(super) struct ChunkWriter {
+    /// `data: {"id":…,"object":"chat.completion.chunk","created":…,"model":…,"choices":[`
+    head: Vec<u8>,
+}
+
+impl ChunkWriter {
+    pub fn new(id: &str, created: u64, model: &str) -> Self {
+        Self::with_object(id, created, model, "chat.completion.chunk")
+    }
+
+    /// For another `object` (`text_completion` streams).
+    pub fn with_object(id: &str, created: u64, model: &str, object: &str) -> Self {
+        let mut head = Vec::with_capacity(96 + id.len() + model.len());
+        head.extend_from_slice(b"data: {\"id\":");
+        serde_json::to_writer(&mut head, id).expect("strings serialize");
+        head.extend_from_slice(b",\"object\":");
+        serde_json::to_writer(&mut head, object).expect("strings serialize");
+        head.extend_from_slice(b",\"created\":");
+        head.extend_from_slice(created.to_string().as_bytes());
+        head.extend_from_slice(b",\"model\":");
+        serde_json::to_writer(&mut head, model).expect("strings serialize");
+        head.extend_from_slice(b",\"choices\":[");
+        ChunkWriter { head }
+    }
+
+    /// One event with a single choice delta.
+    pub fn delta(&self, out: &mut Vec<u8>, index: u64, delta: &Value, finish: Option<&str>) {
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(b"{\"index\":");
+        out.extend_from_slice(index.to_string().as_bytes());
+        out.extend_from_slice(b",\"delta\":");
+        serde_json::to_writer(&mut *out, delta).expect("json serializes");
+        out.extend_from_slice(b",\"finish_reason\":");
+        match finish {
+            Some(f) => serde_json::to_writer(&mut *out, f).expect("strings serialize"),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b"}]}\n\n");
+    }
+
+    /// One event with a whole choice object (text completions carry `text`, not `delta`).
+    pub fn choice(&self, out: &mut Vec<u8>, choice: &Value) {
+        out.extend_from_slice(&self.head);
+        serde_json::to_writer(&mut *out, choice).expect("json serializes");
+        out.extend_from_slice(b"]}\n\n");
+    }
+
+    /// The closing event that carries usage and no choices.
+    pub fn usage(&self, out: &mut Vec<u8>, usage: &Value) {
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(b"],\"usage\":");
+        serde_json::to_writer(&mut *out, usage).expect("json serializes");
+        out.extend_from_slice(b"}\n\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_writer_emits_valid_chunks() {
+        let w = ChunkWriter::new("id-\"1", 7, "m");
+        let mut out = vec![];
+        w.delta(&mut out, 0, &json!({"content": "hé"}), None);
+        w.delta(&mut out, 0, &json!({}), Some("stop"));
+        w.usage(&mut out, &json!({"total_tokens": 3}));
+        let text = String::from_utf8(out).unwrap();
+        let events: Vec<Value> = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[0]["id"], "id-\"1");
+        assert_eq!(events[0]["choices"][0]["delta"]["content"], "hé");
+        assert_eq!(events[0]["choices"][0]["finish_reason"], Value::Null);
+        assert_eq!(events[1]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(events[2]["choices"], json!([]));
+        assert_eq!(events[2]["usage"]["total_tokens"], 3);
+        assert_eq!(events[2]["object"], "chat.completion.chunk");
+    }
+}

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, OpenAiMessage};
+use super::common::{bad, now, parse_field, ChunkWriter, OpenAiMessage};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::classify::{classify_status, FailureKind};
@@ -802,7 +802,8 @@ struct GeminiUsage {
 
 impl GeminiUsage {
     fn from_response(v: &Value) -> Option<Self> {
-        let u: GeminiUsage = serde_json::from_value(v.get("usageMetadata")?.clone()).ok()?;
+        // Deserialized from the borrowed value: no copy of the tree per event.
+        let u = GeminiUsage::deserialize(v.get("usageMetadata")?).ok()?;
         (u.total() > 0).then_some(u)
     }
 
@@ -1021,6 +1022,8 @@ pub struct GeminiStream {
     id: String,
     model: String,
     created: u64,
+    /// The fixed chunk envelope, rebuilt once the response id is known.
+    writer: ChunkWriter,
     usage: Option<GeminiUsage>,
     /// Candidates seen so far: (choice index, tool calls sent for it).
     choices: Vec<(u64, usize)>,
@@ -1031,10 +1034,12 @@ pub struct GeminiStream {
 
 impl GeminiStream {
     pub fn new(model: &str, include_usage: bool) -> Self {
+        let (id, created) = (fallback_id(), now());
         GeminiStream {
-            id: fallback_id(),
+            writer: ChunkWriter::new(&id, created, model),
+            id,
             model: model.to_string(),
-            created: now(),
+            created,
             include_usage,
             ..Default::default()
         }
@@ -1060,16 +1065,7 @@ impl GeminiStream {
     }
 
     fn chunk(&self, index: u64, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
-        let c = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
-        });
-        out.extend_from_slice(b"data: ");
-        serde_json::to_writer(&mut *out, &c).expect("json serializes");
-        out.extend_from_slice(b"\n\n");
+        self.writer.delta(out, index, &delta, finish);
     }
 
     /// The slot of a candidate, sending its role chunk the first time it is seen.
@@ -1112,6 +1108,7 @@ impl GeminiStream {
             self.started = true;
             if let Some(id) = response_id(&v) {
                 self.id = id;
+                self.writer = ChunkWriter::new(&self.id, self.created, &self.model);
             }
         }
         if let Some(u) = GeminiUsage::from_response(&v) {
@@ -1174,15 +1171,8 @@ impl GeminiStream {
         }
         self.finished = true;
         if self.include_usage {
-            let c = json!({
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": self.usage.unwrap_or_default().openai(),
-            });
-            out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
+            self.writer
+                .usage(out, &self.usage.unwrap_or_default().openai());
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
     }

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
-use super::common::{now, raw_value, usage_json};
+use super::common::{now, raw_value, usage_json, ChunkWriter};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -309,9 +309,8 @@ pub(super) fn translate_response(
 #[derive(Default)]
 pub struct OllamaStream {
     pending: Vec<u8>,
-    model: String,
-    created: u64,
-    id: String,
+    /// The stream's fixed chunk envelope (id, object, created, model).
+    writer: ChunkWriter,
     chat: bool,
     include_usage: bool,
     started: bool,
@@ -322,10 +321,14 @@ pub struct OllamaStream {
 impl OllamaStream {
     pub fn new(model: &str, include_usage: bool, chat: bool) -> Self {
         let created = now();
+        let id = format!("chatcmpl-ollama-{created}");
+        let object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
         OllamaStream {
-            model: model.to_string(),
-            created,
-            id: format!("chatcmpl-ollama-{created}"),
+            writer: ChunkWriter::with_object(&id, created, model, object),
             chat,
             include_usage,
             ..Default::default()
@@ -351,13 +354,7 @@ impl OllamaStream {
     }
 
     fn emit(&self, choice: Value, out: &mut Vec<u8>) {
-        let object = if self.chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        let c = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]});
-        out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
+        self.writer.choice(out, &choice);
     }
 
     fn line(&mut self, line: &[u8], out: &mut Vec<u8>) {
@@ -430,13 +427,7 @@ impl OllamaStream {
         self.finished = true;
         if self.include_usage {
             if let Some(u) = self.usage {
-                let object = if self.chat {
-                    "chat.completion.chunk"
-                } else {
-                    "text_completion"
-                };
-                let c = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [], "usage": usage_json(&u)});
-                out.extend_from_slice(format!("data: {c}\n\n").as_bytes());
+                self.writer.usage(out, &usage_json(&u));
             }
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
@@ -513,7 +504,14 @@ mod tests {
             assert_eq!(deltas, "Hello");
             assert!(text.ends_with("data: [DONE]\n\n"));
             assert!(text.contains("\"total_tokens\":6"));
-            let normalized = text.replace(&s.created.to_string(), "T");
+            // Splits may straddle a second; compare without the timestamps.
+            let strip_after = |text: &str, marker: &str| -> String {
+                text.split(marker)
+                    .map(|part| part.trim_start_matches(|c: char| c.is_ascii_digit()))
+                    .collect::<Vec<_>>()
+                    .join(marker)
+            };
+            let normalized = strip_after(&strip_after(&text, "\"created\":"), "chatcmpl-ollama-");
             match &reference {
                 None => reference = Some(normalized),
                 Some(r) => assert_eq!(r, &normalized, "split {split}"),
