@@ -3,11 +3,14 @@
 //! responses and SSE streams come back in OpenAI's shape. `response_format` is honoured the way
 //! LiteLLM does it: a forced tool whose input is the JSON answer.
 
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, CachedUsage, ChunkWriter, OpenAiMessage};
+use super::common::{bad, now, parse_field, CachedUsage, ChunkWriter};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -34,137 +37,279 @@ const UNSUPPORTED: &[&str] = &[
     "modalities",
 ];
 
+/// The OpenAI request pieces Anthropic needs, borrowed from the client's body where possible:
+/// translating a request then copies each prompt string once, into the output.
+#[derive(Deserialize)]
+struct InMessage<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(default, borrow)]
+    content: Option<InContent<'a>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<InToolCall<'a>>>,
+    #[serde(default, borrow)]
+    tool_call_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+}
+
+enum InContent<'a> {
+    Text(Cow<'a, str>),
+    Parts(Vec<InPart<'a>>),
+}
+
+/// A string or a list of parts, read directly (an untagged enum would buffer every message).
+impl<'de: 'a, 'a> Deserialize<'de> for InContent<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = InContent<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of content parts")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(InContent::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(InContent::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(2));
+                while let Some(p) = seq.next_element()? {
+                    parts.push(p);
+                }
+                Ok(InContent::Parts(parts))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+#[derive(Deserialize)]
+struct InPart<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    image_url: Option<InImageUrl<'a>>,
+    #[serde(default, borrow)]
+    cache_control: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum InImageUrl<'a> {
+    Object {
+        #[serde(borrow)]
+        url: Cow<'a, str>,
+    },
+    Url(#[serde(borrow)] Cow<'a, str>),
+}
+
+#[derive(Deserialize)]
+struct InToolCall<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    function: InFunction<'a>,
+}
+
+#[derive(Deserialize)]
+struct InFunction<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(default, borrow)]
+    arguments: Cow<'a, str>,
+}
+
+/// One Anthropic content block.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block<'a> {
+    Text {
+        text: Cow<'a, str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cache_control: Option<&'a RawValue>,
+    },
+    Image {
+        source: ImageSource<'a>,
+    },
+    ToolUse {
+        id: Cow<'a, str>,
+        name: Cow<'a, str>,
+        input: Box<RawValue>,
+    },
+    ToolResult {
+        tool_use_id: Cow<'a, str>,
+        content: ToolResultContent<'a>,
+    },
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ImageSource<'a> {
+    Base64 { media_type: &'a str, data: &'a str },
+    Url { url: &'a str },
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ToolResultContent<'a> {
+    Text(Cow<'a, str>),
+    Blocks(Vec<Block<'a>>),
+}
+
+#[derive(Serialize)]
+struct Turn<'a> {
+    role: &'static str,
+    content: Vec<Block<'a>>,
+}
+
 /// OpenAI message content (a string or a list of parts) as Anthropic content blocks.
-fn content_blocks(content: &Value) -> Result<Vec<Value>, ApiError> {
+fn content_blocks<'a>(content: &'a Option<InContent<'a>>) -> Result<Vec<Block<'a>>, ApiError> {
     match content {
-        Value::Null => Ok(vec![]),
-        Value::String(s) if s.is_empty() => Ok(vec![]),
-        Value::String(s) => Ok(vec![json!({"type": "text", "text": s})]),
-        Value::Array(parts) => {
+        None => Ok(vec![]),
+        Some(InContent::Text(s)) if s.is_empty() => Ok(vec![]),
+        Some(InContent::Text(s)) => Ok(vec![Block::Text {
+            text: Cow::Borrowed(s),
+            cache_control: None,
+        }]),
+        Some(InContent::Parts(parts)) => {
             let mut blocks = Vec::with_capacity(parts.len());
             for p in parts {
                 blocks.extend(part_block(p)?);
             }
             Ok(blocks)
         }
-        other => Err(bad(format!("Invalid message content: {other}"))),
     }
 }
 
-fn part_block(part: &Value) -> Result<Option<Value>, ApiError> {
-    match part.get("type").and_then(Value::as_str) {
-        Some("text") => {
-            let text = part.get("text").and_then(Value::as_str).unwrap_or("");
-            Ok((!text.is_empty()).then(|| {
-                let mut b = json!({"type": "text", "text": text});
-                if let Some(cc) = part.get("cache_control") {
-                    b["cache_control"] = cc.clone();
-                }
-                b
+fn part_block<'a>(part: &'a InPart<'a>) -> Result<Option<Block<'a>>, ApiError> {
+    match part.kind.as_ref() {
+        "text" => {
+            let text = part.text.as_deref().unwrap_or("");
+            Ok((!text.is_empty()).then_some(Block::Text {
+                text: Cow::Borrowed(text),
+                cache_control: part.cache_control,
             }))
         }
-        Some("image_url") => {
-            let url = part
-                .pointer("/image_url/url")
-                .or_else(|| part.get("image_url"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad("image_url part without a url"))?;
+        "image_url" => {
+            let url = match &part.image_url {
+                Some(InImageUrl::Object { url }) | Some(InImageUrl::Url(url)) => url,
+                None => return Err(bad("image_url part without a url")),
+            };
             Ok(Some(image_block(url)?))
         }
-        Some(other) => Err(bad(format!(
+        other => Err(bad(format!(
             "Unsupported content part type for Anthropic: {other}"
         ))),
-        None => Err(bad("A content part has no `type`")),
     }
 }
 
-fn image_block(url: &str) -> Result<Value, ApiError> {
-    if let Some(rest) = url.strip_prefix("data:") {
+fn image_block(url: &str) -> Result<Block<'_>, ApiError> {
+    let source = if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
             .ok_or_else(|| bad("Malformed data URL in image_url"))?;
         let media_type = meta
             .strip_suffix(";base64")
             .ok_or_else(|| bad("image data URLs must be base64"))?;
-        Ok(
-            json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
-        )
+        ImageSource::Base64 { media_type, data }
     } else {
-        Ok(json!({"type": "image", "source": {"type": "url", "url": url}}))
-    }
+        ImageSource::Url { url }
+    };
+    Ok(Block::Image { source })
 }
 
-fn text_of(content: &Value) -> String {
+fn text_of<'a>(content: &'a Option<InContent<'a>>) -> Cow<'a, str> {
     match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
+        Some(InContent::Text(s)) => Cow::Borrowed(s),
+        Some(InContent::Parts(parts)) => Cow::Owned(
+            parts
+                .iter()
+                .filter_map(|p| p.text.as_deref())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        None => Cow::Borrowed(""),
     }
 }
 
 /// Appends blocks as a turn of `role`, merging with the previous turn of the same role
 /// (Anthropic wants user and assistant turns to alternate).
-fn push_turn(messages: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
+fn push_turn<'a>(messages: &mut Vec<Turn<'a>>, role: &'static str, blocks: Vec<Block<'a>>) {
     if blocks.is_empty() {
         return;
     }
-    if let Some(last) = messages.last_mut() {
-        if last["role"] == role {
-            if let Some(content) = last["content"].as_array_mut() {
-                content.extend(blocks);
-                return;
-            }
-        }
+    match messages.last_mut() {
+        Some(last) if last.role == role => last.content.extend(blocks),
+        _ => messages.push(Turn {
+            role,
+            content: blocks,
+        }),
     }
-    messages.push(json!({"role": role, "content": blocks}));
 }
 
-fn convert_messages(raw: Vec<OpenAiMessage>) -> Result<(Vec<String>, Vec<Value>), ApiError> {
+type Converted<'a> = (Vec<Cow<'a, str>>, Vec<Turn<'a>>);
+
+fn convert_messages<'a>(raw: &'a [InMessage<'a>]) -> Result<Converted<'a>, ApiError> {
     let mut system = vec![];
-    let mut messages: Vec<Value> = vec![];
+    let mut messages: Vec<Turn> = Vec::with_capacity(raw.len());
     for m in raw {
-        match m.role.as_str() {
+        match m.role.as_ref() {
             "system" | "developer" => system.push(text_of(&m.content)),
             "user" => push_turn(&mut messages, "user", content_blocks(&m.content)?),
             "assistant" => {
                 let mut blocks = vec![];
-                if let Some(r) = m.reasoning_content.filter(|r| !r.is_empty()) {
+                if let Some(r) = m.reasoning_content.as_deref().filter(|r| !r.is_empty()) {
                     // Without the signature Anthropic issued, a thinking block cannot be sent
                     // back; keep it as text so the context is not lost.
-                    blocks.push(json!({"type": "text", "text": r}));
+                    blocks.push(Block::Text {
+                        text: Cow::Borrowed(r),
+                        cache_control: None,
+                    });
                 }
                 blocks.extend(content_blocks(&m.content)?);
-                for call in m.tool_calls.unwrap_or_default() {
-                    let input: Value = if call.function.arguments.trim().is_empty() {
-                        json!({})
+                for call in m.tool_calls.iter().flatten() {
+                    let args = call.function.arguments.trim();
+                    let input = RawValue::from_string(if args.is_empty() {
+                        "{}".to_string()
                     } else {
-                        serde_json::from_str(&call.function.arguments).map_err(|e| {
-                            bad(format!(
-                                "tool_calls arguments of {} are not JSON: {e}",
-                                call.id
-                            ))
-                        })?
-                    };
-                    blocks.push(json!({"type": "tool_use", "id": call.id, "name": call.function.name, "input": input}));
+                        args.to_string()
+                    })
+                    .map_err(|e| {
+                        bad(format!(
+                            "tool_calls arguments of {} are not JSON: {e}",
+                            call.id
+                        ))
+                    })?;
+                    blocks.push(Block::ToolUse {
+                        id: Cow::Borrowed(&call.id),
+                        name: Cow::Borrowed(&call.function.name),
+                        input,
+                    });
                 }
                 push_turn(&mut messages, "assistant", blocks);
             }
             "tool" | "function" => {
-                let id = m.tool_call_id.ok_or_else(|| {
+                let id = m.tool_call_id.as_deref().ok_or_else(|| {
                     bad("A tool message needs tool_call_id").with_param("messages")
                 })?;
                 let content = match &m.content {
-                    Value::String(s) => json!(s),
-                    other => json!(content_blocks(other)?),
+                    Some(InContent::Text(s)) => ToolResultContent::Text(Cow::Borrowed(s)),
+                    other => ToolResultContent::Blocks(content_blocks(other)?),
                 };
                 push_turn(
                     &mut messages,
                     "user",
-                    vec![json!({"type": "tool_result", "tool_use_id": id, "content": content})],
+                    vec![Block::ToolResult {
+                        tool_use_id: Cow::Borrowed(id),
+                        content,
+                    }],
                 );
             }
             other => {
@@ -175,23 +320,63 @@ fn convert_messages(raw: Vec<OpenAiMessage>) -> Result<(Vec<String>, Vec<Value>)
     Ok((system, messages))
 }
 
-fn convert_tools(tools: Vec<Value>) -> Result<Vec<Value>, ApiError> {
+#[derive(Deserialize)]
+struct InTool<'a> {
+    #[serde(default, borrow)]
+    function: Option<InToolFunction<'a>>,
+    #[serde(default, borrow)]
+    cache_control: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct InToolFunction<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    description: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    parameters: Option<&'a RawValue>,
+}
+
+/// An Anthropic tool. Schemas and descriptions are copied through as raw JSON.
+#[derive(Serialize)]
+struct OutTool<'a> {
+    name: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a RawValue>,
+    input_schema: Schema<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_control: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Schema<'a> {
+    Raw(&'a RawValue),
+    Built(Value),
+}
+
+fn convert_tools<'a>(tools: &'a [InTool<'a>]) -> Result<Vec<OutTool<'a>>, ApiError> {
     tools
-        .into_iter()
+        .iter()
         .map(|t| {
-            let f = t.get("function").ok_or_else(|| bad("Only function tools are supported").with_param("tools"))?;
-            let name = f.get("name").and_then(Value::as_str).ok_or_else(|| bad("A tool has no name").with_param("tools"))?;
-            let mut out = json!({
-                "name": name,
-                "input_schema": f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object", "properties": {}})),
-            });
-            if let Some(d) = f.get("description") {
-                out["description"] = d.clone();
-            }
-            if let Some(cc) = t.get("cache_control") {
-                out["cache_control"] = cc.clone();
-            }
-            Ok(out)
+            let f = t
+                .function
+                .as_ref()
+                .ok_or_else(|| bad("Only function tools are supported").with_param("tools"))?;
+            let name = f
+                .name
+                .as_deref()
+                .ok_or_else(|| bad("A tool has no name").with_param("tools"))?;
+            Ok(OutTool {
+                name: Cow::Borrowed(name),
+                description: f.description,
+                input_schema: match f.parameters {
+                    Some(p) => Schema::Raw(p),
+                    None => Schema::Built(json!({"type": "object", "properties": {}})),
+                },
+                cache_control: t.cache_control,
+            })
         })
         .collect()
 }
@@ -252,46 +437,42 @@ pub(super) fn build_request(
         ));
     }
 
-    let messages: Vec<OpenAiMessage> = parse_field(body, "messages")?.unwrap_or_default();
-    let (system, messages) = convert_messages(messages)?;
-    let mut out = Map::new();
-    out.insert("model".into(), json!(upstream_model));
-    out.insert("messages".into(), json!(messages));
-    let system: Vec<String> = system.into_iter().filter(|s| !s.is_empty()).collect();
-    if !system.is_empty() {
-        out.insert("system".into(), json!(system.join("\n")));
-    }
+    let raw_messages = body.raw("messages").unwrap_or("[]");
+    let messages: Vec<InMessage> = serde_json::from_str(raw_messages).map_err(|e| {
+        bad(format!("Invalid request body: `messages`: {e}")).with_param("messages")
+    })?;
+    let (system, turns) = convert_messages(&messages)?;
+    let system: Vec<Cow<str>> = system.into_iter().filter(|s| !s.is_empty()).collect();
     let max_tokens: Option<u64> = parse_field(body, "max_completion_tokens")?;
     let max_tokens = max_tokens
         .or(parse_field(body, "max_tokens")?)
         .unwrap_or(DEFAULT_MAX_TOKENS);
-    out.insert("max_tokens".into(), json!(max_tokens));
-    for key in ["temperature", "top_p", "top_k", "thinking"] {
-        if let Some(raw) = body.raw(key).filter(|r| *r != "null") {
-            out.insert(
-                key.into(),
-                serde_json::from_str(raw).map_err(|e| bad(format!("`{key}`: {e}")))?,
-            );
+    let raw_param = |key: &'static str| -> Result<Option<&RawValue>, ApiError> {
+        match body.raw(key).filter(|r| *r != "null") {
+            None => Ok(None),
+            Some(raw) => serde_json::from_str(raw)
+                .map(Some)
+                .map_err(|e| bad(format!("`{key}`: {e}")).with_param(key)),
         }
-    }
-    if let Some(stop) = parse_field::<Value>(body, "stop")? {
-        let list = match stop {
-            Value::String(s) => vec![s],
-            Value::Array(a) => a
-                .into_iter()
+    };
+    let stop_sequences = match parse_field::<Value>(body, "stop")? {
+        None => None,
+        Some(Value::String(s)) => Some(vec![s]),
+        Some(Value::Array(a)) => Some(
+            a.into_iter()
                 .filter_map(|v| v.as_str().map(str::to_string))
                 .collect(),
-            other => return Err(bad(format!("Invalid stop: {other}")).with_param("stop")),
-        };
-        out.insert("stop_sequences".into(), json!(list));
-    }
-    if stream {
-        out.insert("stream".into(), json!(true));
-    }
-    if let Some(user) = parse_field::<String>(body, "user")? {
-        out.insert("metadata".into(), json!({"user_id": user}));
-    }
-    let mut tools = convert_tools(parse_field(body, "tools")?.unwrap_or_default())?;
+        ),
+        Some(other) => return Err(bad(format!("Invalid stop: {other}")).with_param("stop")),
+    };
+    let user: Option<String> = parse_field(body, "user")?;
+    let tools_len = body.raw("tools").map_or(0, str::len);
+    let in_tools: Vec<InTool> = match body.raw("tools") {
+        None | Some("null") => vec![],
+        Some(raw) => serde_json::from_str(raw)
+            .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools"))?,
+    };
+    let mut tools = convert_tools(&in_tools)?;
     let parallel: Option<bool> = parse_field(body, "parallel_tool_calls")?;
     let mut tool_choice = match parse_field::<Value>(body, "tool_choice")? {
         Some(c) => convert_tool_choice(&c, parallel)?,
@@ -313,16 +494,30 @@ pub(super) fn build_request(
             }
         };
         if let Some(schema) = schema {
-            tools.push(json!({"name": JSON_TOOL, "description": "Respond with a JSON object.", "input_schema": schema}));
+            tools.push(OutTool {
+                name: Cow::Borrowed(JSON_TOOL),
+                description: Some(json_tool_description()),
+                input_schema: Schema::Built(schema),
+                cache_control: None,
+            });
             tool_choice = Some(json!({"type": "tool", "name": JSON_TOOL}));
         }
     }
-    if !tools.is_empty() {
-        out.insert("tools".into(), json!(tools));
-    }
-    if let Some(c) = tool_choice {
-        out.insert("tool_choice".into(), c);
-    }
+    let out = MessagesRequest {
+        model: upstream_model,
+        messages: turns,
+        system: (!system.is_empty()).then(|| system.join("\n")),
+        max_tokens,
+        temperature: raw_param("temperature")?,
+        top_p: raw_param("top_p")?,
+        top_k: raw_param("top_k")?,
+        thinking: raw_param("thinking")?,
+        stop_sequences,
+        stream: stream.then_some(true),
+        metadata: user.map(|user_id| Metadata { user_id }),
+        tools,
+        tool_choice,
+    };
 
     let mut headers = vec![("anthropic-version".to_string(), API_VERSION.to_string())];
     if let Some(key) = &d.api_key {
@@ -332,9 +527,54 @@ pub(super) fn build_request(
     Ok(UpstreamRequest {
         path: "/v1/messages".into(),
         headers,
-        body: serde_json::to_vec(&Value::Object(out)).expect("json serializes"),
+        body: {
+            // Sized once: the output is about as long as the client's messages and tools.
+            let mut bytes = Vec::with_capacity(raw_messages.len() + tools_len + 256);
+            serde_json::to_writer(&mut bytes, &out).expect("json serializes");
+            bytes
+        },
         injected_stream_usage: false,
     })
+}
+
+fn json_tool_description() -> &'static RawValue {
+    static DESCRIPTION: std::sync::OnceLock<Box<RawValue>> = std::sync::OnceLock::new();
+    DESCRIPTION.get_or_init(|| {
+        RawValue::from_string("\"Respond with a JSON object.\"".to_string()).expect("valid JSON")
+    })
+}
+
+/// The Messages API request body.
+#[derive(Serialize)]
+struct MessagesRequest<'a> {
+    model: &'a str,
+    messages: Vec<Turn<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<String>,
+    max_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_sequences: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<Metadata>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<OutTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct Metadata {
+    user_id: String,
 }
 
 fn finish_reason(stop_reason: Option<&str>, json_mode: bool) -> &'static str {
