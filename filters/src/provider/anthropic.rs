@@ -10,7 +10,9 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, CachedUsage, ChunkWriter};
+use super::common::{
+    bad, now, parse_field, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart,
+};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -36,95 +38,6 @@ const UNSUPPORTED: &[&str] = &[
     "audio",
     "modalities",
 ];
-
-/// The OpenAI request pieces Anthropic needs, borrowed from the client's body where possible:
-/// translating a request then copies each prompt string once, into the output.
-#[derive(Deserialize)]
-struct InMessage<'a> {
-    #[serde(borrow)]
-    role: Cow<'a, str>,
-    #[serde(default, borrow)]
-    content: Option<InContent<'a>>,
-    #[serde(default, borrow)]
-    tool_calls: Option<Vec<InToolCall<'a>>>,
-    #[serde(default, borrow)]
-    tool_call_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    reasoning_content: Option<Cow<'a, str>>,
-}
-
-enum InContent<'a> {
-    Text(Cow<'a, str>),
-    Parts(Vec<InPart<'a>>),
-}
-
-/// A string or a list of parts, read directly (an untagged enum would buffer every message).
-impl<'de: 'a, 'a> Deserialize<'de> for InContent<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
-            type Value = InContent<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or a list of content parts")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(InContent::Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(InContent::Text(Cow::Owned(v.to_string())))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(2));
-                while let Some(p) = seq.next_element()? {
-                    parts.push(p);
-                }
-                Ok(InContent::Parts(parts))
-            }
-        }
-        d.deserialize_any(V(std::marker::PhantomData))
-    }
-}
-
-#[derive(Deserialize)]
-struct InPart<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default, borrow)]
-    text: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    image_url: Option<InImageUrl<'a>>,
-    #[serde(default, borrow)]
-    cache_control: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum InImageUrl<'a> {
-    Object {
-        #[serde(borrow)]
-        url: Cow<'a, str>,
-    },
-    Url(#[serde(borrow)] Cow<'a, str>),
-}
-
-#[derive(Deserialize)]
-struct InToolCall<'a> {
-    #[serde(borrow)]
-    id: Cow<'a, str>,
-    #[serde(borrow)]
-    function: InFunction<'a>,
-}
-
-#[derive(Deserialize)]
-struct InFunction<'a> {
-    #[serde(borrow)]
-    name: Cow<'a, str>,
-    #[serde(default, borrow)]
-    arguments: Cow<'a, str>,
-}
 
 /// One Anthropic content block.
 #[derive(Serialize)]

@@ -1,7 +1,10 @@
 //! Pieces every translator shares: reading typed fields from the client's body, the OpenAI
 //! message shape they all convert from, and the OpenAI usage object they all produce.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::body::RequestBody;
@@ -57,6 +60,96 @@ pub(super) struct OpenAiFunctionCall {
     pub name: String,
     #[serde(default)]
     pub arguments: String,
+}
+
+/// OpenAI chat messages borrowed from the client's body: translating a request then copies
+/// each prompt string once, into the output (translators that build `serde_json::Value` trees
+/// instead pay for every string and map twice).
+#[derive(Deserialize)]
+pub(super) struct InMessage<'a> {
+    #[serde(borrow)]
+    pub role: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub content: Option<InContent<'a>>,
+    #[serde(default, borrow)]
+    pub tool_calls: Option<Vec<InToolCall<'a>>>,
+    #[serde(default, borrow)]
+    pub tool_call_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub reasoning_content: Option<Cow<'a, str>>,
+}
+
+pub(super) enum InContent<'a> {
+    Text(Cow<'a, str>),
+    Parts(Vec<InPart<'a>>),
+}
+
+/// A string or a list of parts, read directly (an untagged enum would buffer every message).
+impl<'de: 'a, 'a> Deserialize<'de> for InContent<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = InContent<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of content parts")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(InContent::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(InContent::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(2));
+                while let Some(p) = seq.next_element()? {
+                    parts.push(p);
+                }
+                Ok(InContent::Parts(parts))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct InPart<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub image_url: Option<InImageUrl<'a>>,
+    #[serde(default, borrow)]
+    pub cache_control: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum InImageUrl<'a> {
+    Object {
+        #[serde(borrow)]
+        url: Cow<'a, str>,
+    },
+    Url(#[serde(borrow)] Cow<'a, str>),
+}
+
+#[derive(Deserialize)]
+pub(super) struct InToolCall<'a> {
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub function: InFunction<'a>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct InFunction<'a> {
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub arguments: Cow<'a, str>,
 }
 
 /// Seconds since the epoch, for `created`.
