@@ -32,6 +32,7 @@ pub(super) fn build_request(
     }
     let mut out = Map::new();
     out.insert("model".into(), json!(upstream_model));
+    let mut chat = RequestBody::parse(b"{}").expect("an empty object parses");
     let path = match op {
         Operation::Embeddings => {
             let texts = match raw_value(body, "input")? {
@@ -68,10 +69,9 @@ pub(super) fn build_request(
             if !unsupported.is_empty() && !opts.drop_params {
                 return Err(unsupported_params("cohere", upstream_model, &unsupported));
             }
-            out.insert(
-                "messages".into(),
-                raw_value(body, "messages")?.unwrap_or_else(|| json!([])),
-            );
+            // The chat body is OpenAI-shaped: fields that keep their meaning are copied as raw
+            // JSON text, not parsed and rebuilt.
+            chat.set_json("messages", body.raw("messages").unwrap_or("[]").to_string());
             for (from, to) in [
                 ("temperature", "temperature"),
                 ("top_p", "p"),
@@ -84,8 +84,8 @@ pub(super) fn build_request(
                 ("tools", "tools"),
                 ("logprobs", "logprobs"),
             ] {
-                if let Some(v) = raw_value(body, from)? {
-                    out.insert(to.into(), v);
+                if let Some(raw) = body.raw(from).filter(|r| *r != "null") {
+                    chat.set_json(to, raw.to_string());
                 }
             }
             if let Some(stop) = raw_value(body, "stop")? {
@@ -126,20 +126,31 @@ pub(super) fn build_request(
             if stream {
                 out.insert("stream".into(), json!(true));
             }
-            "/v2/chat"
+            for (k, v) in out {
+                chat.set_json(&k, v.to_string());
+            }
+            return Ok(finish_request(d, "/v2/chat", chat.to_bytes()));
         }
     };
+    Ok(finish_request(
+        d,
+        path,
+        serde_json::to_vec(&Value::Object(out)).expect("json serializes"),
+    ))
+}
+
+fn finish_request(d: &Deployment, path: &str, body: Vec<u8>) -> UpstreamRequest {
     let mut headers = vec![];
     if let Some(k) = &d.api_key {
         headers.push(("authorization".to_string(), format!("Bearer {k}")));
     }
     headers.extend(d.extra_headers.iter().cloned());
-    Ok(UpstreamRequest {
+    UpstreamRequest {
         path: path.into(),
         headers,
-        body: serde_json::to_vec(&Value::Object(out)).expect("json serializes"),
+        body,
         injected_stream_usage: false,
-    })
+    }
 }
 
 fn finish_reason(reason: Option<&str>) -> &'static str {

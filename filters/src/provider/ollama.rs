@@ -2,11 +2,16 @@
 //! for text completions, `/api/embed` for embeddings. Sampling parameters go under `options`;
 //! streams are NDJSON, one object per line, the last with `done: true` and the token counts.
 
-use serde::Deserialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
-use super::common::{now, raw_value, usage_json, ChunkWriter};
+use super::common::{
+    bad, now, raw_value, usage_json, ChunkWriter, InContent, InImageUrl, InMessage,
+};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -19,34 +24,6 @@ const UNSUPPORTED: &[&str] = &[
     "n",
     "parallel_tool_calls",
 ];
-
-/// OpenAI message content as Ollama's text plus base64 images.
-fn flatten_content(content: &Value) -> (String, Vec<String>) {
-    match content {
-        Value::String(s) => (s.clone(), vec![]),
-        Value::Array(parts) => {
-            let mut text = String::new();
-            let mut images = vec![];
-            for p in parts {
-                match p["type"].as_str() {
-                    Some("text") => text.push_str(p["text"].as_str().unwrap_or("")),
-                    Some("image_url") => {
-                        let url = p
-                            .pointer("/image_url/url")
-                            .and_then(Value::as_str)
-                            .unwrap_or("");
-                        if let Some((_, data)) = url.split_once(";base64,") {
-                            images.push(data.to_string());
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            (text, images)
-        }
-        _ => (String::new(), vec![]),
-    }
-}
 
 pub(super) fn build_request(
     op: Operation,
@@ -139,43 +116,112 @@ pub(super) fn build_request(
         out.insert("prompt".into(), json!(prompt));
         "/api/generate"
     } else {
-        let messages: Vec<Value> = raw_value(body, "messages")?
-            .and_then(|m| m.as_array().cloned())
-            .unwrap_or_default();
-        let converted: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                let (text, images) = flatten_content(&m["content"]);
-                let mut o = json!({"role": m["role"], "content": text});
-                if !images.is_empty() {
-                    o["images"] = json!(images);
-                }
-                if let Some(calls) = m["tool_calls"].as_array() {
-                    // Ollama takes arguments as an object, not a JSON string.
-                    let calls: Vec<Value> = calls
-                        .iter()
-                        .map(|c| {
-                            let args = c.pointer("/function/arguments").and_then(Value::as_str)
-                                .and_then(|a| serde_json::from_str::<Value>(a).ok())
-                                .unwrap_or_else(|| json!({}));
-                            json!({"function": {"name": c.pointer("/function/name"), "arguments": args}})
-                        })
-                        .collect();
-                    o["tool_calls"] = json!(calls);
-                }
-                o
-            })
-            .collect();
-        out.insert("messages".into(), json!(converted));
-        if let Some(tools) = raw_value(body, "tools")? {
-            out.insert("tools".into(), tools);
+        let raw_messages = body.raw("messages").unwrap_or("[]");
+        let messages: Vec<InMessage> = serde_json::from_str(raw_messages).map_err(|e| {
+            bad(format!("Invalid request body: `messages`: {e}")).with_param("messages")
+        })?;
+        let mut converted = Vec::with_capacity(messages.len());
+        for m in &messages {
+            converted.push(ollama_message(m)?);
         }
-        "/api/chat"
+        let mut messages_json = Vec::with_capacity(raw_messages.len() + 64);
+        serde_json::to_writer(&mut messages_json, &converted).expect("json serializes");
+        let messages_json = String::from_utf8(messages_json).expect("serde_json writes UTF-8");
+        // The rest is small; the messages and tools go in as JSON text.
+        let mut chat = RequestBody::parse(b"{}").expect("an empty object parses");
+        for (k, v) in &out {
+            chat.set_json(k, v.to_string());
+        }
+        chat.set_json("messages", messages_json);
+        if let Some(tools) = body.raw("tools").filter(|t| *t != "null") {
+            chat.set_json("tools", tools.to_string());
+        }
+        return Ok(finish_bytes(d, "/api/chat", chat.to_bytes()));
     };
     Ok(finish(d, path, out))
 }
 
+/// One OpenAI message as Ollama's: text content, base64 images, tool calls with object arguments.
+#[derive(Serialize)]
+struct OllamaMessage<'a> {
+    role: &'a str,
+    content: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    images: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<OllamaToolCall<'a>>,
+}
+
+#[derive(Serialize)]
+struct OllamaToolCall<'a> {
+    function: OllamaFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct OllamaFunction<'a> {
+    name: &'a str,
+    arguments: Box<RawValue>,
+}
+
+fn ollama_message<'a>(m: &'a InMessage<'a>) -> Result<OllamaMessage<'a>, ApiError> {
+    let (content, images) = match &m.content {
+        None => (Cow::Borrowed(""), vec![]),
+        Some(InContent::Text(t)) => (Cow::Borrowed(t.as_ref()), vec![]),
+        Some(InContent::Parts(parts)) => {
+            let mut text = String::new();
+            let mut images = vec![];
+            for p in parts {
+                match p.kind.as_ref() {
+                    "text" => text.push_str(p.text.as_deref().unwrap_or("")),
+                    "image_url" => {
+                        let url = match &p.image_url {
+                            Some(InImageUrl::Object { url }) | Some(InImageUrl::Url(url)) => url,
+                            None => continue,
+                        };
+                        if let Some((_, data)) = url.split_once(";base64,") {
+                            images.push(data);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            (Cow::Owned(text), images)
+        }
+    };
+    let mut tool_calls = vec![];
+    for c in m.tool_calls.iter().flatten() {
+        // Ollama takes arguments as an object, not a JSON string.
+        let args = c.function.arguments.trim();
+        let arguments = RawValue::from_string(if args.is_empty() {
+            "{}".into()
+        } else {
+            args.to_string()
+        })
+        .unwrap_or_else(|_| RawValue::from_string("{}".into()).expect("valid JSON"));
+        tool_calls.push(OllamaToolCall {
+            function: OllamaFunction {
+                name: &c.function.name,
+                arguments,
+            },
+        });
+    }
+    Ok(OllamaMessage {
+        role: &m.role,
+        content,
+        images,
+        tool_calls,
+    })
+}
+
 fn finish(d: &Deployment, path: &str, body: Map<String, Value>) -> UpstreamRequest {
+    finish_bytes(
+        d,
+        path,
+        serde_json::to_vec(&Value::Object(body)).expect("json serializes"),
+    )
+}
+
+fn finish_bytes(d: &Deployment, path: &str, body: Vec<u8>) -> UpstreamRequest {
     let mut headers = vec![];
     if let Some(k) = &d.api_key {
         headers.push(("authorization".to_string(), format!("Bearer {k}")));
@@ -184,7 +230,7 @@ fn finish(d: &Deployment, path: &str, body: Map<String, Value>) -> UpstreamReque
     UpstreamRequest {
         path: path.into(),
         headers,
-        body: serde_json::to_vec(&Value::Object(body)).expect("json serializes"),
+        body,
         injected_stream_usage: false,
     }
 }
