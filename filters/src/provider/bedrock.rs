@@ -4,18 +4,22 @@
 //! responses and `application/vnd.amazon.eventstream` streams come back in OpenAI's shape.
 //! Requests are signed with AWS Signature Version 4 ([`sign_request`]); the proxy does the I/O.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, raw_value, CachedUsage, ChunkWriter, OpenAiMessage};
+use super::common::{
+    bad, now, parse_field, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart,
+};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::classify::FailureKind;
@@ -59,60 +63,144 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
 /// The same, keeping `/` (SigV4 canonical URIs).
 const UNRESERVED_AND_SLASH: &AsciiSet = &UNRESERVED.remove(b'/');
 
-/// The `cachePoint` block that follows content the client marked with `cache_control`.
-fn cache_point() -> Value {
-    json!({"cachePoint": {"type": "default"}})
+/// One Converse content block (externally tagged: `{"text": …}`, `{"toolUse": {…}}`, …).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+enum Block<'a> {
+    Text(Text<'a>),
+    Image(Image<'a>),
+    ToolUse(ToolUse<'a>),
+    ToolResult(ToolResult<'a>),
+    CachePoint(CachePoint),
 }
 
-/// OpenAI message content (a string or a list of parts) as Converse content blocks.
-fn content_blocks(content: &Value) -> Result<Vec<Value>, ApiError> {
-    match content {
-        Value::Null => Ok(vec![]),
-        Value::String(s) if s.is_empty() => Ok(vec![]),
-        Value::String(s) => Ok(vec![json!({"text": s})]),
-        Value::Array(parts) => {
-            let mut blocks = Vec::with_capacity(parts.len());
-            for p in parts {
-                part_blocks(p, &mut blocks)?;
-            }
-            Ok(blocks)
-        }
-        other => Err(bad(format!("Invalid message content: {other}"))),
+/// A text block's string: copied through as the client sent it where that is possible (see
+/// [`text`]), else escaped as usual.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Text<'a> {
+    Raw(&'a RawValue),
+    Str(&'a str),
+}
+
+/// `s` as a JSON string. When `s` is a string token of `src` (the client's JSON) that had no
+/// escapes, so that serde borrowed it, the quoted token is copied through as it is (checked by
+/// parsing it), which saves escaping it again.
+fn text<'a>(src: &'a str, s: &'a str) -> Text<'a> {
+    let start = (s.as_ptr() as usize).wrapping_sub(src.as_ptr() as usize);
+    if start == 0 || start > src.len() || src.len() - start <= s.len() {
+        return Text::Str(s);
+    }
+    let token = &src.as_bytes()[start - 1..=start + s.len()];
+    if token[0] != b'"' || token[token.len() - 1] != b'"' || s.contains('\\') {
+        return Text::Str(s);
+    }
+    match serde_json::from_str(&src[start - 1..=start + s.len()]) {
+        Ok(raw) => Text::Raw(raw),
+        Err(_) => Text::Str(s),
     }
 }
 
-fn part_blocks(part: &Value, blocks: &mut Vec<Value>) -> Result<(), ApiError> {
-    match part.get("type").and_then(Value::as_str) {
-        Some("text") => {
-            let text = part.get("text").and_then(Value::as_str).unwrap_or("");
-            if !text.is_empty() {
-                blocks.push(json!({"text": text}));
+#[derive(Serialize)]
+struct Image<'a> {
+    format: &'static str,
+    source: ImageSource<'a>,
+}
+
+#[derive(Serialize)]
+struct ImageSource<'a> {
+    bytes: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolUse<'a> {
+    tool_use_id: &'a str,
+    name: &'a str,
+    input: &'a RawValue,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolResult<'a> {
+    tool_use_id: &'a str,
+    content: Vec<Block<'a>>,
+}
+
+/// `{"type": "default"}`: the `cachePoint` that follows content the client marked with
+/// `cache_control`.
+#[derive(Serialize)]
+struct CachePoint {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+const CACHE_POINT: CachePoint = CachePoint { kind: "default" };
+
+#[derive(Serialize)]
+struct Turn<'a> {
+    role: &'static str,
+    content: Vec<Block<'a>>,
+}
+
+/// OpenAI message content (a string or a list of parts) appended to `out` as Converse content
+/// blocks.
+fn content_blocks<'a>(
+    src: &'a str,
+    content: &'a Option<InContent<'a>>,
+    out: &mut Vec<Block<'a>>,
+) -> Result<(), ApiError> {
+    match content {
+        None => {}
+        Some(InContent::Text(s)) if s.is_empty() => {}
+        Some(InContent::Text(s)) => out.push(Block::Text(text(src, s))),
+        Some(InContent::Parts(parts)) => {
+            let start = out.len();
+            for p in parts {
+                part_block(src, p, start, out)?;
             }
         }
-        Some("image_url") => {
-            let url = part
-                .pointer("/image_url/url")
-                .or_else(|| part.get("image_url"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad("image_url part without a url"))?;
-            blocks.push(image_block(url)?);
+    }
+    Ok(())
+}
+
+/// One content part; `start` is where this message's blocks begin in `out` (a `cachePoint`
+/// only follows some content of the same message).
+fn part_block<'a>(
+    src: &'a str,
+    part: &'a InPart<'a>,
+    start: usize,
+    out: &mut Vec<Block<'a>>,
+) -> Result<(), ApiError> {
+    match part.kind.as_ref() {
+        "text" => {
+            let s = part.text.as_deref().unwrap_or("");
+            if !s.is_empty() {
+                out.push(Block::Text(text(src, s)));
+            }
         }
-        Some(other) => {
+        "image_url" => {
+            let url = match &part.image_url {
+                Some(InImageUrl::Object { url }) | Some(InImageUrl::Url(url)) => url,
+                None => return Err(bad("image_url part without a url")),
+            };
+            out.push(image_block(url)?);
+        }
+        other => {
             return Err(bad(format!(
                 "Unsupported content part type for Bedrock: {other}"
             )))
         }
-        None => return Err(bad("A content part has no `type`")),
     }
-    if part.get("cache_control").is_some() && !blocks.is_empty() {
-        blocks.push(cache_point());
+    if part.cache_control.is_some() && out.len() > start {
+        out.push(Block::CachePoint(CACHE_POINT));
     }
     Ok(())
 }
 
 /// A data URL as a Converse `image` block. Bedrock takes image bytes only (or S3 locations), and
 /// this translator does no I/O, so remote URLs are refused.
-fn image_block(url: &str) -> Result<Value, ApiError> {
+fn image_block(url: &str) -> Result<Block<'_>, ApiError> {
     let rest = url.strip_prefix("data:").ok_or_else(|| {
         bad("Bedrock takes images as base64 data URLs (data:image/png;base64,...); Sluice does not fetch image URLs")
     })?;
@@ -133,137 +221,290 @@ fn image_block(url: &str) -> Result<Value, ApiError> {
             )))
         }
     };
-    Ok(json!({"image": {"format": format, "source": {"bytes": data}}}))
+    Ok(Block::Image(Image {
+        format,
+        source: ImageSource { bytes: data },
+    }))
 }
 
-/// System message content as `system` blocks.
-fn system_blocks(content: &Value, out: &mut Vec<Value>) -> Result<(), ApiError> {
-    match content {
-        Value::Array(_) => {
-            for b in content_blocks(content)? {
-                if b.get("image").is_some() {
+/// The content of the turn that blocks of `role` go into: the last turn when it has that role
+/// (Converse wants user and assistant turns to alternate), else a new one. A turn left empty is
+/// dropped by [`convert_messages`].
+fn turn<'a, 'm>(messages: &'m mut Vec<Turn<'a>>, role: &'static str) -> &'m mut Vec<Block<'a>> {
+    if messages.last().is_none_or(|t| t.role != role) {
+        messages.push(Turn {
+            role,
+            content: Vec::new(),
+        });
+    }
+    &mut messages.last_mut().expect("just pushed").content
+}
+
+/// `{}`, the input of a tool call sent without arguments.
+fn empty_object() -> &'static RawValue {
+    serde_json::from_str("{}").expect("valid JSON")
+}
+
+type Converted<'a> = (Vec<Block<'a>>, Vec<Turn<'a>>);
+
+/// `raw` are the messages parsed from `src`.
+fn convert_messages<'a>(src: &'a str, raw: &'a [InMessage<'a>]) -> Result<Converted<'a>, ApiError> {
+    let mut system = vec![];
+    let mut messages: Vec<Turn> = Vec::with_capacity(raw.len());
+    for m in raw {
+        match m.role.as_ref() {
+            "system" | "developer" => {
+                let start = system.len();
+                content_blocks(src, &m.content, &mut system)?;
+                if system[start..].iter().any(|b| matches!(b, Block::Image(_))) {
                     return Err(bad("System messages cannot hold images").with_param("messages"));
                 }
-                out.push(b);
             }
-        }
-        other => out.extend(content_blocks(other)?),
-    }
-    Ok(())
-}
-
-/// Appends blocks as a turn of `role`, merging with the previous turn of the same role (Converse
-/// wants user and assistant turns to alternate).
-fn push_turn(messages: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
-    if blocks.is_empty() {
-        return;
-    }
-    if let Some(last) = messages.last_mut() {
-        if last["role"] == role {
-            if let Some(content) = last["content"].as_array_mut() {
-                content.extend(blocks);
-                return;
-            }
-        }
-    }
-    messages.push(json!({"role": role, "content": blocks}));
-}
-
-fn convert_messages(raw: Vec<OpenAiMessage>) -> Result<(Vec<Value>, Vec<Value>), ApiError> {
-    let mut system = vec![];
-    let mut messages: Vec<Value> = vec![];
-    for m in raw {
-        match m.role.as_str() {
-            "system" | "developer" => system_blocks(&m.content, &mut system)?,
-            "user" => push_turn(&mut messages, "user", content_blocks(&m.content)?),
+            "user" => content_blocks(src, &m.content, turn(&mut messages, "user"))?,
             "assistant" => {
-                let mut blocks = vec![];
-                if let Some(r) = m.reasoning_content.filter(|r| !r.is_empty()) {
+                let blocks = turn(&mut messages, "assistant");
+                if let Some(r) = m.reasoning_content.as_deref().filter(|r| !r.is_empty()) {
                     // Without the signature Bedrock issued, a reasoning block cannot be sent
                     // back; keep it as text so the context is not lost.
-                    blocks.push(json!({"text": r}));
+                    blocks.push(Block::Text(text(src, r)));
                 }
-                blocks.extend(content_blocks(&m.content)?);
-                for call in m.tool_calls.unwrap_or_default() {
-                    let input: Value = if call.function.arguments.trim().is_empty() {
-                        json!({})
+                content_blocks(src, &m.content, blocks)?;
+                for call in m.tool_calls.iter().flatten() {
+                    let args = call.function.arguments.trim();
+                    let input = if args.is_empty() {
+                        empty_object()
                     } else {
-                        serde_json::from_str(&call.function.arguments).map_err(|e| {
+                        serde_json::from_str(args).map_err(|e| {
                             bad(format!(
                                 "tool_calls arguments of {} are not JSON: {e}",
                                 call.id
                             ))
                         })?
                     };
-                    blocks.push(json!({"toolUse": {"toolUseId": call.id, "name": call.function.name, "input": input}}));
+                    blocks.push(Block::ToolUse(ToolUse {
+                        tool_use_id: &call.id,
+                        name: &call.function.name,
+                        input,
+                    }));
                 }
-                push_turn(&mut messages, "assistant", blocks);
             }
             "tool" | "function" => {
-                let id = m.tool_call_id.ok_or_else(|| {
+                let id = m.tool_call_id.as_deref().ok_or_else(|| {
                     bad("A tool message needs tool_call_id").with_param("messages")
                 })?;
                 let content = match &m.content {
-                    Value::String(s) => vec![json!({"text": s})],
-                    other => content_blocks(other)?
-                        .into_iter()
-                        .filter(|b| b.get("cachePoint").is_none())
-                        .collect(),
+                    Some(InContent::Text(s)) => vec![Block::Text(text(src, s))],
+                    other => {
+                        let mut content = vec![];
+                        content_blocks(src, other, &mut content)?;
+                        content.retain(|b| !matches!(b, Block::CachePoint(_)));
+                        content
+                    }
                 };
-                push_turn(
-                    &mut messages,
-                    "user",
-                    vec![json!({"toolResult": {"toolUseId": id, "content": content}})],
-                );
+                turn(&mut messages, "user").push(Block::ToolResult(ToolResult {
+                    tool_use_id: id,
+                    content,
+                }));
             }
             other => {
                 return Err(bad(format!("Invalid message role: {other}")).with_param("messages"))
             }
         }
+        if messages.last().is_some_and(|t| t.content.is_empty()) {
+            messages.pop();
+        }
     }
     Ok((system, messages))
 }
 
-fn convert_tools(tools: Vec<Value>) -> Result<Vec<Value>, ApiError> {
-    let mut out = Vec::with_capacity(tools.len());
+#[derive(Deserialize)]
+struct InTool<'a> {
+    #[serde(default, borrow)]
+    function: Option<InToolFunction<'a>>,
+    #[serde(default, borrow)]
+    cache_control: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct InToolFunction<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    description: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    parameters: Option<&'a RawValue>,
+}
+
+/// An entry of `toolConfig.tools`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+enum ToolEntry<'a> {
+    ToolSpec(ToolSpec<'a>),
+    CachePoint(CachePoint),
+}
+
+/// A Converse tool. Schemas and descriptions are copied through as raw JSON.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolSpec<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a RawValue>,
+    input_schema: InputSchema<'a>,
+}
+
+#[derive(Serialize)]
+struct InputSchema<'a> {
+    json: Schema<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Schema<'a> {
+    Raw(&'a RawValue),
+    Built(Value),
+}
+
+fn convert_tools<'a>(tools: &'a [InTool<'a>]) -> Result<Vec<ToolEntry<'a>>, ApiError> {
+    let mut out = Vec::with_capacity(tools.len() + 1);
     for t in tools {
         let f = t
-            .get("function")
+            .function
+            .as_ref()
             .ok_or_else(|| bad("Only function tools are supported").with_param("tools"))?;
         let name = f
-            .get("name")
-            .and_then(Value::as_str)
+            .name
+            .as_deref()
             .ok_or_else(|| bad("A tool has no name").with_param("tools"))?;
-        let schema = f
-            .get("parameters")
-            .cloned()
-            .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
-        let mut spec = json!({"name": name, "inputSchema": {"json": schema}});
-        if let Some(d) = f.get("description") {
-            spec["description"] = d.clone();
-        }
-        out.push(json!({"toolSpec": spec}));
-        if t.get("cache_control").is_some() {
-            out.push(cache_point());
+        out.push(ToolEntry::ToolSpec(ToolSpec {
+            name,
+            description: f.description,
+            input_schema: InputSchema {
+                json: match f.parameters {
+                    Some(p) => Schema::Raw(p),
+                    None => Schema::Built(json!({"type": "object", "properties": {}})),
+                },
+            },
+        }));
+        if t.cache_control.is_some() {
+            out.push(ToolEntry::CachePoint(CACHE_POINT));
         }
     }
     Ok(out)
 }
 
+/// A Converse `toolChoice`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+enum ToolChoice {
+    Auto(Empty),
+    Any(Empty),
+    Tool(Named),
+}
+
+#[derive(Serialize)]
+struct Empty {}
+
+#[derive(Serialize)]
+struct Named {
+    name: String,
+}
+
 /// OpenAI `tool_choice` as a Converse `toolChoice` (`None` for "none", which Converse cannot
 /// express: the tools stay declared, since earlier turns may use them).
-fn convert_tool_choice(choice: &Value) -> Result<Option<Value>, ApiError> {
+fn convert_tool_choice(choice: Value) -> Result<Option<ToolChoice>, ApiError> {
     Ok(match choice {
-        Value::String(s) if s == "auto" => Some(json!({"auto": {}})),
-        Value::String(s) if s == "required" || s == "any" => Some(json!({"any": {}})),
+        Value::String(s) if s == "auto" => Some(ToolChoice::Auto(Empty {})),
+        Value::String(s) if s == "required" || s == "any" => Some(ToolChoice::Any(Empty {})),
         Value::String(s) if s == "none" => None,
         Value::Object(_) => match choice.pointer("/function/name").and_then(Value::as_str) {
-            Some(name) => Some(json!({"tool": {"name": name}})),
+            Some(name) => Some(ToolChoice::Tool(Named {
+                name: name.to_string(),
+            })),
             None => return Err(bad("tool_choice names no function").with_param("tool_choice")),
         },
         Value::Null => None,
         other => return Err(bad(format!("Invalid tool_choice: {other}")).with_param("tool_choice")),
     })
+}
+
+/// The Converse / ConverseStream request body.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConverseRequest<'a> {
+    messages: Vec<Turn<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    system: Vec<Block<'a>>,
+    #[serde(skip_serializing_if = "InferenceConfig::is_empty")]
+    inference_config: InferenceConfig<'a>,
+    #[serde(skip_serializing_if = "Additional::is_empty")]
+    additional_model_request_fields: Additional<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_config: Option<ToolConfig<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InferenceConfig<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_sequences: Option<Vec<String>>,
+}
+
+impl InferenceConfig<'_> {
+    fn is_empty(&self) -> bool {
+        self.max_tokens.is_none()
+            && self.temperature.is_none()
+            && self.top_p.is_none()
+            && self.stop_sequences.is_none()
+    }
+}
+
+/// `additionalModelRequestFields`: what the model family reads beyond the Converse fields.
+#[derive(Serialize)]
+struct Additional<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<&'a RawValue>,
+    /// Nova reads `top_k` as `inferenceConfig.topK`.
+    #[serde(rename = "inferenceConfig", skip_serializing_if = "Option::is_none")]
+    nova: Option<NovaInference<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking: Option<&'a RawValue>,
+}
+
+impl Additional<'_> {
+    fn is_empty(&self) -> bool {
+        self.top_k.is_none() && self.nova.is_none() && self.thinking.is_none()
+    }
+}
+
+#[derive(Serialize)]
+struct NovaInference<'a> {
+    #[serde(rename = "topK")]
+    top_k: &'a RawValue,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolConfig<'a> {
+    tools: Vec<ToolEntry<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<ToolChoice>,
+}
+
+/// A body field as raw JSON; absent or `null` is `None`.
+fn raw_param<'b>(body: &'b RequestBody<'_>, key: &str) -> Result<Option<&'b RawValue>, ApiError> {
+    match body.raw(key).filter(|r| *r != "null") {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str(raw)
+            .map(Some)
+            .map_err(|e| bad(format!("Invalid request body: `{key}`: {e}")).with_param(key)),
+    }
 }
 
 /// The model id as sent: LiteLLM's `converse/` and `invoke/` route prefixes are dropped (every
@@ -320,7 +561,7 @@ pub(super) fn build_request(
 }
 
 fn build_chat(
-    body: &mut RequestBody<'_>,
+    body: &RequestBody<'_>,
     d: &Deployment,
     upstream_model: &str,
     stream: bool,
@@ -339,63 +580,56 @@ fn build_chat(
         return Err(unsupported_params("bedrock", upstream_model, &unsupported));
     }
 
-    let messages: Vec<OpenAiMessage> = parse_field(body, "messages")?.unwrap_or_default();
-    let (system, messages) = convert_messages(messages)?;
-    let mut out = Map::new();
-    out.insert("messages".into(), json!(messages));
-    if !system.is_empty() {
-        out.insert("system".into(), json!(system));
-    }
+    let raw_messages = body
+        .raw("messages")
+        .filter(|r| *r != "null")
+        .unwrap_or("[]");
+    let messages: Vec<InMessage> = serde_json::from_str(raw_messages).map_err(|e| {
+        bad(format!("Invalid request body: `messages`: {e}")).with_param("messages")
+    })?;
+    let (system, messages) = convert_messages(raw_messages, &messages)?;
 
-    let mut inference = Map::new();
     let max_tokens: Option<u64> = parse_field(body, "max_completion_tokens")?;
-    if let Some(m) = max_tokens.or(parse_field(body, "max_tokens")?) {
-        inference.insert("maxTokens".into(), json!(m));
-    }
-    for (key, name) in [("temperature", "temperature"), ("top_p", "topP")] {
-        if let Some(v) = raw_value(body, key)? {
-            inference.insert(name.into(), v);
-        }
-    }
-    if let Some(stop) = raw_value(body, "stop")? {
-        let list = match stop {
-            Value::String(s) => vec![s],
-            Value::Array(a) => a
-                .into_iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
+    let stop_sequences = match parse_field::<Value>(body, "stop")? {
+        None => None,
+        Some(Value::String(s)) => Some(vec![s]),
+        Some(Value::Array(a)) => Some(
+            a.into_iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                })
                 .collect(),
-            other => return Err(bad(format!("Invalid stop: {other}")).with_param("stop")),
-        };
-        inference.insert("stopSequences".into(), json!(list));
-    }
-    if !inference.is_empty() {
-        out.insert("inferenceConfig".into(), Value::Object(inference));
-    }
+        ),
+        Some(other) => return Err(bad(format!("Invalid stop: {other}")).with_param("stop")),
+    };
+    let inference_config = InferenceConfig {
+        max_tokens: max_tokens.or(parse_field(body, "max_tokens")?),
+        temperature: raw_param(body, "temperature")?,
+        top_p: raw_param(body, "top_p")?,
+        stop_sequences,
+    };
 
-    let mut additional = Map::new();
-    if let Some(k) = raw_value(body, "top_k")? {
-        if model_id(upstream_model).contains("amazon.nova") {
-            additional.insert("inferenceConfig".into(), json!({"topK": k}));
-        } else {
-            additional.insert("top_k".into(), k);
-        }
-    }
-    if let Some(thinking) = raw_value(body, "thinking")? {
-        additional.insert("thinking".into(), thinking);
-    }
-    if !additional.is_empty() {
-        out.insert(
-            "additionalModelRequestFields".into(),
-            Value::Object(additional),
-        );
-    }
+    let top_k = raw_param(body, "top_k")?;
+    let nova = model_id(upstream_model).contains("amazon.nova");
+    let additional = Additional {
+        top_k: top_k.filter(|_| !nova),
+        nova: top_k.filter(|_| nova).map(|top_k| NovaInference { top_k }),
+        thinking: raw_param(body, "thinking")?,
+    };
 
-    let mut tools = convert_tools(parse_field(body, "tools")?.unwrap_or_default())?;
-    let mut tool_choice = match raw_value(body, "tool_choice")? {
-        Some(c) => convert_tool_choice(&c)?,
+    let tools_len = body.raw("tools").map_or(0, str::len);
+    let in_tools: Vec<InTool> = match body.raw("tools") {
+        None | Some("null") => vec![],
+        Some(raw) => serde_json::from_str(raw)
+            .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools"))?,
+    };
+    let mut tools = convert_tools(&in_tools)?;
+    let mut tool_choice = match parse_field::<Value>(body, "tool_choice")? {
+        Some(c) => convert_tool_choice(c)?,
         None => None,
     };
-    if let Some(format) = raw_value(body, "response_format")? {
+    if let Some(format) = parse_field::<Value>(body, "response_format")? {
         let schema = match format.get("type").and_then(Value::as_str) {
             Some("json_schema") => Some(
                 format
@@ -411,17 +645,27 @@ fn build_chat(
             }
         };
         if let Some(schema) = schema {
-            tools.push(json!({"toolSpec": {"name": JSON_TOOL, "description": "Respond with a JSON object.", "inputSchema": {"json": schema}}}));
-            tool_choice = Some(json!({"tool": {"name": JSON_TOOL}}));
+            tools.push(ToolEntry::ToolSpec(ToolSpec {
+                name: JSON_TOOL,
+                description: Some(
+                    serde_json::from_str("\"Respond with a JSON object.\"").expect("valid JSON"),
+                ),
+                input_schema: InputSchema {
+                    json: Schema::Built(schema),
+                },
+            }));
+            tool_choice = Some(ToolChoice::Tool(Named {
+                name: JSON_TOOL.to_string(),
+            }));
         }
     }
-    if !tools.is_empty() {
-        let mut config = json!({"tools": tools});
-        if let Some(c) = tool_choice {
-            config["toolChoice"] = c;
-        }
-        out.insert("toolConfig".into(), config);
-    }
+    let out = ConverseRequest {
+        messages,
+        system,
+        inference_config,
+        additional_model_request_fields: additional,
+        tool_config: (!tools.is_empty()).then_some(ToolConfig { tools, tool_choice }),
+    };
 
     let action = if stream {
         "converse-stream"
@@ -431,7 +675,12 @@ fn build_chat(
     Ok(UpstreamRequest {
         path: model_path(upstream_model, action),
         headers: headers_for(d),
-        body: serde_json::to_vec(&Value::Object(out)).expect("json serializes"),
+        body: {
+            // Sized once: the output is about as long as the client's messages and tools.
+            let mut bytes = Vec::with_capacity(raw_messages.len() + tools_len + 256);
+            serde_json::to_writer(&mut bytes, &out).expect("json serializes");
+            bytes
+        },
         injected_stream_usage: false,
     })
 }
@@ -459,8 +708,60 @@ fn embed_family(model: &str) -> Option<EmbedFamily> {
     }
 }
 
+/// The embeddings `input`: a string or a list of strings, borrowed where unescaped.
+fn embed_texts<'b>(body: &'b RequestBody<'_>) -> Result<Vec<Cow<'b, str>>, ApiError> {
+    let invalid = || bad("`input` must be a string or a list of strings").with_param("input");
+    #[derive(Deserialize)]
+    struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+    let text = |raw: &'b str| -> Result<Cow<'b, str>, ApiError> {
+        serde_json::from_str(raw)
+            .map(|Text(t)| t)
+            .map_err(|e| bad(format!("Invalid request body: `input`: {e}")).with_param("input"))
+    };
+    let raw = body.raw("input").map(str::trim_start).ok_or_else(invalid)?;
+    match raw.as_bytes().first() {
+        Some(b'"') => Ok(vec![text(raw)?]),
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(raw).map_err(|_| invalid())?;
+            items
+                .into_iter()
+                .map(|item| match item.get().as_bytes().first() {
+                    Some(b'"') => text(item.get()),
+                    _ => Err(bad("bedrock embeddings take text input, not token arrays")
+                        .with_param("input")),
+                })
+                .collect()
+        }
+        _ => Err(invalid()),
+    }
+}
+
+/// The Titan `invoke` body.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TitanEmbed<'a> {
+    input_text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dimensions: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    embedding_config: Option<EmbeddingConfig>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EmbeddingConfig {
+    output_embedding_length: u64,
+}
+
+/// The Cohere `invoke` body.
+#[derive(Serialize)]
+struct CohereEmbed<'a> {
+    texts: &'a [Cow<'a, str>],
+    input_type: Cow<'a, str>,
+}
+
 fn build_embeddings(
-    body: &mut RequestBody<'_>,
+    body: &RequestBody<'_>,
     d: &Deployment,
     upstream_model: &str,
     opts: &CallOptions,
@@ -472,26 +773,15 @@ fn build_embeddings(
         ))
         .with_param("model")
     })?;
-    let texts: Vec<String> = match raw_value(body, "input")? {
-        Some(Value::String(s)) => vec![s],
-        Some(Value::Array(items)) => {
-            items
-                .into_iter()
-                .map(|v| match v {
-                    Value::String(s) => Ok(s),
-                    _ => Err(bad("bedrock embeddings take text input, not token arrays")
-                        .with_param("input")),
-                })
-                .collect::<Result<_, _>>()?
-        }
-        _ => return Err(bad("`input` must be a string or a list of strings").with_param("input")),
-    };
+    let texts = embed_texts(body)?;
     if texts.is_empty() {
         return Err(bad("`input` is empty").with_param("input"));
     }
     let dimensions: Option<u64> = parse_field(body, "dimensions")?;
+    let capacity = texts.iter().map(|t| t.len() + 4).sum::<usize>() + 64;
+    let mut out = Vec::with_capacity(capacity);
 
-    let out = match family {
+    match family {
         EmbedFamily::TitanText | EmbedFamily::TitanTextV2 | EmbedFamily::TitanImage => {
             if texts.len() > TITAN_MAX_INPUTS {
                 return Err(bad(format!(
@@ -500,12 +790,18 @@ fn build_embeddings(
                 ))
                 .with_param("input"));
             }
-            let mut out = json!({"inputText": texts[0]});
+            let mut titan = TitanEmbed {
+                input_text: &texts[0],
+                dimensions: None,
+                embedding_config: None,
+            };
             match (family, dimensions) {
                 (_, None) => {}
-                (EmbedFamily::TitanTextV2, Some(dim)) => out["dimensions"] = json!(dim),
+                (EmbedFamily::TitanTextV2, Some(dim)) => titan.dimensions = Some(dim),
                 (EmbedFamily::TitanImage, Some(dim)) => {
-                    out["embeddingConfig"] = json!({"outputEmbeddingLength": dim})
+                    titan.embedding_config = Some(EmbeddingConfig {
+                        output_embedding_length: dim,
+                    })
                 }
                 (_, Some(_)) if opts.drop_params => {}
                 (_, Some(_)) => {
@@ -516,7 +812,7 @@ fn build_embeddings(
                     ))
                 }
             }
-            out
+            serde_json::to_writer(&mut out, &titan).expect("json serializes");
         }
         EmbedFamily::Cohere => {
             if texts.len() > COHERE_MAX_INPUTS {
@@ -534,14 +830,18 @@ fn build_embeddings(
                 ));
             }
             let input_type = parse_field::<String>(body, "input_type")?
-                .unwrap_or_else(|| "search_document".to_string());
-            json!({"texts": texts, "input_type": input_type})
+                .map_or(Cow::Borrowed("search_document"), Cow::Owned);
+            let cohere = CohereEmbed {
+                texts: &texts,
+                input_type,
+            };
+            serde_json::to_writer(&mut out, &cohere).expect("json serializes");
         }
-    };
+    }
     Ok(UpstreamRequest {
         path: model_path(upstream_model, "invoke"),
         headers: headers_for(d),
-        body: serde_json::to_vec(&out).expect("json serializes"),
+        body: out,
         injected_stream_usage: false,
     })
 }

@@ -33,35 +33,6 @@ pub(super) fn raw_value(body: &RequestBody<'_>, key: &str) -> Result<Option<Valu
     parse_field::<Value>(body, key)
 }
 
-/// One OpenAI chat message, as every translator reads it.
-#[derive(Deserialize)]
-pub(super) struct OpenAiMessage {
-    pub role: String,
-    #[serde(default)]
-    pub content: Value,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub tool_calls: Option<Vec<OpenAiToolCall>>,
-    #[serde(default)]
-    pub tool_call_id: Option<String>,
-    #[serde(default)]
-    pub reasoning_content: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct OpenAiToolCall {
-    pub id: String,
-    pub function: OpenAiFunctionCall,
-}
-
-#[derive(Deserialize)]
-pub(super) struct OpenAiFunctionCall {
-    pub name: String,
-    #[serde(default)]
-    pub arguments: String,
-}
-
 /// OpenAI chat messages borrowed from the client's body: translating a request then copies
 /// each prompt string once, into the output (translators that build `serde_json::Value` trees
 /// instead pay for every string and map twice).

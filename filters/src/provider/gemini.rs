@@ -9,13 +9,15 @@
 //! turn that sends the call back without it. The signature travels inside the OpenAI tool call
 //! id (`call_0__thought__<signature>`), as LiteLLM does, and is restored on the next request.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, ChunkWriter, OpenAiMessage};
+use super::common::{bad, now, parse_field, ChunkWriter, InToolCall};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::classify::{classify_status, FailureKind};
@@ -61,66 +63,231 @@ const SCHEMA_KEYS: &[&str] = &[
     "maximum",
 ];
 
-/// Gemini's own tools, passed through when a client sends them (`{"googleSearch": {}}`).
-const NATIVE_TOOLS: &[&str] = &[
-    "googleSearch",
-    "googleSearchRetrieval",
-    "codeExecution",
-    "urlContext",
-];
+/// One OpenAI chat message, borrowed from the client's body (`name` names a legacy function
+/// result, which the shared `InMessage` does not carry).
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(default, borrow)]
+    content: Option<Content<'a>>,
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<InToolCall<'a>>>,
+    #[serde(default, borrow)]
+    tool_call_id: Option<Cow<'a, str>>,
+}
+
+/// Message content: a string or a list of parts.
+enum Content<'a> {
+    Text(Cow<'a, str>),
+    Parts(Vec<ContentPart<'a>>),
+}
+
+/// Read directly (an untagged enum would buffer every message).
+impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Content<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of content parts")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Content::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Content::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(2));
+                while let Some(p) = seq.next_element()? {
+                    parts.push(p);
+                }
+                Ok(Content::Parts(parts))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// One OpenAI content part (text, image, audio or file).
+#[derive(Deserialize)]
+struct ContentPart<'a> {
+    #[serde(rename = "type", default, borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    image_url: Option<ImageUrl<'a>>,
+    #[serde(default, borrow)]
+    input_audio: Option<InputAudio<'a>>,
+    #[serde(default, borrow)]
+    file: Option<InputFile<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ImageUrl<'a> {
+    Object {
+        #[serde(default, borrow)]
+        url: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        format: Option<Cow<'a, str>>,
+    },
+    Url(#[serde(borrow)] Cow<'a, str>),
+}
+
+#[derive(Deserialize)]
+struct InputAudio<'a> {
+    #[serde(default, borrow)]
+    data: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    format: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct InputFile<'a> {
+    #[serde(default, borrow)]
+    format: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    file_data: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    file_id: Option<Cow<'a, str>>,
+}
+
+/// One Gemini `Part`.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Part<'a> {
+    Text {
+        text: Cow<'a, str>,
+    },
+    InlineData {
+        #[serde(rename = "inlineData")]
+        inline_data: Blob<'a>,
+    },
+    FileData {
+        #[serde(rename = "fileData")]
+        file_data: FileData<'a>,
+    },
+    FunctionCall {
+        #[serde(rename = "functionCall")]
+        function_call: FunctionCall<'a>,
+        #[serde(rename = "thoughtSignature", skip_serializing_if = "Option::is_none")]
+        thought_signature: Option<&'a str>,
+    },
+    FunctionResponse {
+        #[serde(rename = "functionResponse")]
+        function_response: FunctionResponse<'a>,
+    },
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Blob<'a> {
+    mime_type: Cow<'a, str>,
+    data: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileData<'a> {
+    mime_type: &'a str,
+    file_uri: &'a str,
+}
+
+#[derive(Serialize)]
+struct FunctionCall<'a> {
+    name: &'a str,
+    args: &'a RawValue,
+}
+
+#[derive(Serialize)]
+struct FunctionResponse<'a> {
+    name: &'a str,
+    response: FunctionResult<'a>,
+}
+
+#[derive(Serialize)]
+struct FunctionResult<'a> {
+    content: Cow<'a, str>,
+}
+
+/// One Gemini `Content` (a turn).
+#[derive(Serialize)]
+struct Turn<'a> {
+    role: &'static str,
+    parts: Vec<Part<'a>>,
+}
+
+impl Part<'_> {
+    fn is_function_response(&self) -> bool {
+        matches!(self, Part::FunctionResponse { .. })
+    }
+}
+
+fn text_part(text: &str) -> Part<'_> {
+    Part::Text {
+        text: Cow::Borrowed(text),
+    }
+}
 
 /// OpenAI message content (a string or a list of parts) as Gemini parts.
-fn content_parts(content: &Value) -> Result<Vec<Value>, ApiError> {
+fn content_parts<'a>(content: &'a Option<Content<'a>>) -> Result<Vec<Part<'a>>, ApiError> {
     match content {
-        Value::Null => Ok(vec![]),
-        Value::String(s) if s.is_empty() => Ok(vec![]),
-        Value::String(s) => Ok(vec![json!({"text": s})]),
-        Value::Array(parts) => {
+        None => Ok(vec![]),
+        Some(Content::Text(s)) if s.is_empty() => Ok(vec![]),
+        Some(Content::Text(s)) => Ok(vec![text_part(s)]),
+        Some(Content::Parts(parts)) => {
             let mut out = Vec::with_capacity(parts.len());
             for p in parts {
                 out.extend(part(p)?);
             }
             Ok(out)
         }
-        other => Err(bad(format!("Invalid message content: {other}"))),
     }
 }
 
-fn part(p: &Value) -> Result<Option<Value>, ApiError> {
-    match p.get("type").and_then(Value::as_str) {
+fn part<'a>(p: &'a ContentPart<'a>) -> Result<Option<Part<'a>>, ApiError> {
+    match p.kind.as_deref() {
         Some("text") => {
-            let text = p.get("text").and_then(Value::as_str).unwrap_or("");
-            Ok((!text.is_empty()).then(|| json!({"text": text})))
+            let text = p.text.as_deref().unwrap_or("");
+            Ok((!text.is_empty()).then(|| text_part(text)))
         }
         Some("image_url") => {
-            let url = p
-                .pointer("/image_url/url")
-                .or_else(|| p.get("image_url"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad("image_url part without a url"))?;
-            let format = p.pointer("/image_url/format").and_then(Value::as_str);
+            let (url, format) = match &p.image_url {
+                Some(ImageUrl::Object {
+                    url: Some(url),
+                    format,
+                }) => (url, format.as_deref()),
+                Some(ImageUrl::Url(url)) => (url, None),
+                _ => return Err(bad("image_url part without a url")),
+            };
             Ok(Some(media_part(url, format)?))
         }
         Some("input_audio") => {
-            let data = p
-                .pointer("/input_audio/data")
-                .and_then(Value::as_str)
+            let audio = p.input_audio.as_ref();
+            let data = audio
+                .and_then(|a| a.data.as_deref())
                 .ok_or_else(|| bad("input_audio part without data"))?;
-            let format = p
-                .pointer("/input_audio/format")
-                .and_then(Value::as_str)
-                .unwrap_or("wav");
-            Ok(Some(
-                json!({"inlineData": {"mimeType": format!("audio/{format}"), "data": data}}),
-            ))
+            let format = audio.and_then(|a| a.format.as_deref()).unwrap_or("wav");
+            Ok(Some(Part::InlineData {
+                inline_data: Blob {
+                    mime_type: Cow::Owned(format!("audio/{format}")),
+                    data,
+                },
+            }))
         }
         Some("file") => {
-            let file = p.get("file").unwrap_or(&Value::Null);
-            let format = file.get("format").and_then(Value::as_str);
+            let file = p.file.as_ref();
+            let format = file.and_then(|f| f.format.as_deref());
             let url = file
-                .get("file_data")
-                .or_else(|| file.get("file_id"))
-                .and_then(Value::as_str)
+                .and_then(|f| f.file_data.as_deref().or(f.file_id.as_deref()))
                 .ok_or_else(|| bad("file part without file_data or file_id"))?;
             Ok(Some(media_part(url, format)?))
         }
@@ -133,7 +300,7 @@ fn part(p: &Value) -> Result<Option<Value>, ApiError> {
 
 /// A data URL becomes `inlineData`; any other URL (`https://`, `gs://`, a Files API URI)
 /// becomes `fileData`, which needs a MIME type: the one given, else one guessed from the path.
-fn media_part(url: &str, mime: Option<&str>) -> Result<Value, ApiError> {
+fn media_part<'a>(url: &'a str, mime: Option<&'a str>) -> Result<Part<'a>, ApiError> {
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
@@ -141,10 +308,19 @@ fn media_part(url: &str, mime: Option<&str>) -> Result<Value, ApiError> {
         let media_type = meta
             .strip_suffix(";base64")
             .ok_or_else(|| bad("image data URLs must be base64"))?;
-        Ok(json!({"inlineData": {"mimeType": mime.unwrap_or(media_type), "data": data}}))
+        Ok(Part::InlineData {
+            inline_data: Blob {
+                mime_type: Cow::Borrowed(mime.unwrap_or(media_type)),
+                data,
+            },
+        })
     } else {
-        let mime = mime.unwrap_or_else(|| guess_mime(url));
-        Ok(json!({"fileData": {"mimeType": mime, "fileUri": url}}))
+        Ok(Part::FileData {
+            file_data: FileData {
+                mime_type: mime.unwrap_or_else(|| guess_mime(url)),
+                file_uri: url,
+            },
+        })
     }
 }
 
@@ -172,40 +348,47 @@ fn guess_mime(url: &str) -> &'static str {
     }
 }
 
-fn text_of(content: &Value) -> String {
+fn text_of<'a>(content: &'a Option<Content<'a>>) -> Cow<'a, str> {
     match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
+        Some(Content::Text(s)) => Cow::Borrowed(s),
+        Some(Content::Parts(parts)) => {
+            let mut texts = parts.iter().filter_map(|p| p.text.as_deref());
+            match (texts.next(), texts.next()) {
+                (None, _) => Cow::Borrowed(""),
+                (Some(one), None) => Cow::Borrowed(one),
+                (Some(first), Some(second)) => {
+                    let mut joined = format!("{first}\n{second}");
+                    for t in texts {
+                        joined.push('\n');
+                        joined.push_str(t);
+                    }
+                    Cow::Owned(joined)
+                }
+            }
+        }
+        None => Cow::Borrowed(""),
     }
 }
 
-fn is_function_responses(parts: &[Value]) -> bool {
-    parts.iter().all(|p| p.get("functionResponse").is_some())
+fn is_function_responses(parts: &[Part]) -> bool {
+    parts.iter().all(Part::is_function_response)
 }
 
 /// Appends parts as a turn of `role`, merging with the previous turn of the same role, but
 /// keeping a turn of function responses apart from ordinary user text (Gemini matches function
 /// responses to the calls of the turn before).
-fn push_turn(contents: &mut Vec<Value>, role: &str, parts: Vec<Value>) {
+fn push_turn<'a>(contents: &mut Vec<Turn<'a>>, role: &'static str, parts: Vec<Part<'a>>) {
     if parts.is_empty() {
         return;
     }
     if let Some(last) = contents.last_mut() {
-        if last["role"] == role {
-            if let Some(existing) = last["parts"].as_array_mut() {
-                if is_function_responses(existing) == is_function_responses(&parts) {
-                    existing.extend(parts);
-                    return;
-                }
-            }
+        if last.role == role && is_function_responses(&last.parts) == is_function_responses(&parts)
+        {
+            last.parts.extend(parts);
+            return;
         }
     }
-    contents.push(json!({"role": role, "parts": parts}));
+    contents.push(Turn { role, parts });
 }
 
 /// Splits a tool call id into the id and the thought signature carried inside it.
@@ -216,27 +399,36 @@ fn split_call_id(id: &str) -> (&str, Option<&str>) {
     }
 }
 
-fn convert_messages(raw: Vec<OpenAiMessage>) -> Result<(Vec<Value>, Vec<Value>), ApiError> {
+/// `{}`, the arguments of a call that has none.
+fn empty_args() -> &'static RawValue {
+    static EMPTY: std::sync::OnceLock<Box<RawValue>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| RawValue::from_string("{}".to_string()).expect("valid JSON"))
+}
+
+type Converted<'a> = (Vec<Part<'a>>, Vec<Turn<'a>>);
+
+fn convert_messages<'a>(raw: &'a [Message<'a>]) -> Result<Converted<'a>, ApiError> {
     let mut system = vec![];
-    let mut contents: Vec<Value> = vec![];
+    let mut contents: Vec<Turn> = Vec::with_capacity(raw.len());
     // Tool call id → function name, for the `functionResponse` parts of tool messages.
-    let mut names: HashMap<String, String> = HashMap::new();
+    let mut names: HashMap<&str, &str> = HashMap::new();
     for m in raw {
-        match m.role.as_str() {
+        match m.role.as_ref() {
             "system" | "developer" => {
                 let text = text_of(&m.content);
                 if !text.is_empty() {
-                    system.push(json!({"text": text}));
+                    system.push(Part::Text { text });
                 }
             }
             "user" => push_turn(&mut contents, "user", content_parts(&m.content)?),
             "assistant" => {
                 let mut parts = content_parts(&m.content)?;
-                for call in m.tool_calls.unwrap_or_default() {
-                    let args: Value = if call.function.arguments.trim().is_empty() {
-                        json!({})
+                for call in m.tool_calls.iter().flatten() {
+                    let args = call.function.arguments.trim();
+                    let args: &RawValue = if args.is_empty() {
+                        empty_args()
                     } else {
-                        serde_json::from_str(&call.function.arguments).map_err(|e| {
+                        serde_json::from_str(args).map_err(|e| {
                             bad(format!(
                                 "tool_calls arguments of {} are not JSON: {e}",
                                 call.id
@@ -244,12 +436,14 @@ fn convert_messages(raw: Vec<OpenAiMessage>) -> Result<(Vec<Value>, Vec<Value>),
                         })?
                     };
                     let (_, signature) = split_call_id(&call.id);
-                    let mut p = json!({"functionCall": {"name": call.function.name, "args": args}});
-                    if let Some(sig) = signature {
-                        p["thoughtSignature"] = json!(sig);
-                    }
-                    parts.push(p);
-                    names.insert(call.id, call.function.name);
+                    parts.push(Part::FunctionCall {
+                        function_call: FunctionCall {
+                            name: &call.function.name,
+                            args,
+                        },
+                        thought_signature: signature,
+                    });
+                    names.insert(&call.id, &call.function.name);
                 }
                 push_turn(&mut contents, "model", parts);
             }
@@ -257,8 +451,8 @@ fn convert_messages(raw: Vec<OpenAiMessage>) -> Result<(Vec<Value>, Vec<Value>),
                 let name = m
                     .tool_call_id
                     .as_deref()
-                    .and_then(|id| names.get(id).cloned())
-                    .or(m.name)
+                    .and_then(|id| names.get(id).copied())
+                    .or(m.name.as_deref())
                     .ok_or_else(|| {
                         bad(format!(
                             "A tool message's tool_call_id ({}) matches no earlier assistant tool call",
@@ -269,9 +463,14 @@ fn convert_messages(raw: Vec<OpenAiMessage>) -> Result<(Vec<Value>, Vec<Value>),
                 push_turn(
                     &mut contents,
                     "user",
-                    vec![
-                        json!({"functionResponse": {"name": name, "response": {"content": text_of(&m.content)}}}),
-                    ],
+                    vec![Part::FunctionResponse {
+                        function_response: FunctionResponse {
+                            name,
+                            response: FunctionResult {
+                                content: text_of(&m.content),
+                            },
+                        },
+                    }],
                 );
             }
             other => {
@@ -281,166 +480,519 @@ fn convert_messages(raw: Vec<OpenAiMessage>) -> Result<(Vec<Value>, Vec<Value>),
     }
     if contents.is_empty() && !system.is_empty() {
         // Gemini needs at least one content; a system-only conversation is sent as the user's.
-        contents.push(json!({"role": "user", "parts": std::mem::take(&mut system)}));
+        contents.push(Turn {
+            role: "user",
+            parts: std::mem::take(&mut system),
+        });
     }
     Ok((system, contents))
 }
 
-/// A JSON Schema as Gemini's `Schema`: `$ref`s into `$defs` inlined, `type: [T, "null"]` as
-/// `nullable`, `const` as a one-value `enum`, `oneOf` as `anyOf`, unknown keywords dropped.
-fn clean_schema(schema: &Value) -> Value {
-    let defs = schema
-        .get("$defs")
-        .or_else(|| schema.get("definitions"))
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    clean_schema_in(schema, &defs, 0)
+/// JSON borrowed from the client's body, for the schemas that are cleaned on the way through
+/// (a `Value` would copy every key and string). Objects keep their order; of repeated keys the
+/// last wins.
+enum Json<'a> {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    Str(Cow<'a, str>),
+    Array(Vec<Json<'a>>),
+    Object(Vec<(Cow<'a, str>, Json<'a>)>),
 }
 
-fn clean_schema_in(schema: &Value, defs: &Map<String, Value>, depth: usize) -> Value {
-    let Value::Object(obj) = schema else {
-        return schema.clone();
-    };
-    if depth > 16 {
-        // A recursive `$ref`: Gemini cannot express it; stop with an open object.
-        return json!({"type": "object"});
-    }
-    if let Some(target) = obj
-        .get("$ref")
-        .and_then(Value::as_str)
-        .and_then(|r| r.rsplit('/').next())
-        .and_then(|name| defs.get(name))
-    {
-        return clean_schema_in(target, defs, depth + 1);
-    }
-    let mut out = Map::new();
-    for (k, v) in obj {
-        match k.as_str() {
-            "properties" => {
-                if let Value::Object(props) = v {
-                    let props = props
-                        .iter()
-                        .map(|(name, s)| (name.clone(), clean_schema_in(s, defs, depth + 1)))
-                        .collect();
-                    out.insert(k.clone(), Value::Object(props));
-                }
-            }
-            "items" => {
-                out.insert(k.clone(), clean_schema_in(v, defs, depth + 1));
-            }
-            "anyOf" | "oneOf" => {
-                if let Value::Array(list) = v {
-                    let list = list
-                        .iter()
-                        .map(|s| clean_schema_in(s, defs, depth + 1))
-                        .collect();
-                    out.insert("anyOf".into(), Value::Array(list));
-                }
-            }
-            "type" => match v {
-                Value::Array(types) => {
-                    let kept: Vec<&Value> = types.iter().filter(|t| *t != "null").collect();
-                    if kept.len() < types.len() {
-                        out.insert("nullable".into(), json!(true));
-                    }
-                    match kept.as_slice() {
-                        [one] => {
-                            out.insert("type".into(), (*one).clone());
-                        }
-                        [] => {}
-                        many => {
-                            let any: Vec<Value> = many.iter().map(|t| json!({"type": t})).collect();
-                            out.insert("anyOf".into(), Value::Array(any));
-                        }
-                    }
-                }
-                other => {
-                    out.insert(k.clone(), other.clone());
-                }
-            },
-            "const" => {
-                out.insert("enum".into(), json!([v]));
-            }
-            key if SCHEMA_KEYS.contains(&key) => {
-                out.insert(k.clone(), v.clone());
-            }
-            _ => {}
+/// The value of `key` in an object's entries.
+fn find<'v, 'a>(entries: &'v [(Cow<'a, str>, Json<'a>)], key: &str) -> Option<&'v Json<'a>> {
+    entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+impl<'a> Json<'a> {
+    fn get(&self, key: &str) -> Option<&Json<'a>> {
+        match self {
+            Json::Object(entries) => find(entries, key),
+            _ => None,
         }
     }
-    Value::Object(out)
-}
 
-/// One OpenAI function (the `function` of a tool, or a legacy `functions` entry) as a Gemini
-/// function declaration.
-fn function_declaration(f: &Value) -> Result<Value, ApiError> {
-    let name = f
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("A tool has no name").with_param("tools"))?;
-    let mut out = json!({"name": name});
-    if let Some(d) = f.get("description") {
-        out["description"] = d.clone();
-    }
-    if let Some(params) = f.get("parameters") {
-        let params = clean_schema(params);
-        // Gemini rejects an OBJECT schema without properties: a function without arguments
-        // simply has no `parameters`.
-        let empty_object = params.get("type").and_then(Value::as_str) == Some("object")
-            && params
-                .get("properties")
-                .and_then(Value::as_object)
-                .is_none_or(Map::is_empty);
-        if !empty_object {
-            out["parameters"] = params;
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
         }
     }
-    Ok(out)
+
+    fn as_object(&self) -> Option<&[(Cow<'a, str>, Json<'a>)]> {
+        match self {
+            Json::Object(entries) => Some(entries),
+            _ => None,
+        }
+    }
 }
 
-fn convert_tools(tools: Vec<Value>, functions: Vec<Value>) -> Result<Vec<Value>, ApiError> {
-    let mut declarations = vec![];
+/// A string that borrows from the input when it has no escapes.
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Str<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Json<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Json<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Json::Null)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Json::Null)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Json::Bool(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Json::Number(v.into()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Json::Number(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(serde_json::Number::from_f64(v).map_or(Json::Null, Json::Number))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Json::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Json::Str(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Json::Str(Cow::Owned(v)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Json::Array(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut entries: Vec<(Cow<'a, str>, Json<'a>)> =
+                    Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(Str(key)) = map.next_key::<Str<'a>>()? {
+                    let value = map.next_value()?;
+                    match entries.iter_mut().find(|(k, _)| *k == key) {
+                        Some(slot) => slot.1 = value,
+                        None => entries.push((key, value)),
+                    }
+                }
+                Ok(Json::Object(entries))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl Serialize for Json<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Json::Null => s.serialize_unit(),
+            Json::Bool(b) => s.serialize_bool(*b),
+            Json::Number(n) => n.serialize(s),
+            Json::Str(v) => s.serialize_str(v),
+            Json::Array(items) => s.collect_seq(items),
+            Json::Object(entries) => s.collect_map(entries.iter().map(|(k, v)| (k, v))),
+        }
+    }
+}
+
+/// A JSON Schema as Gemini's `Schema`, written out as it is serialized (nothing is copied):
+/// `$ref`s into `$defs` inlined, `type: [T, "null"]` as `nullable`, `const` as a one-value
+/// `enum`, `oneOf` as `anyOf`, unknown keywords dropped.
+#[derive(Clone, Copy)]
+struct Schema<'v> {
+    schema: &'v Json<'v>,
+    defs: Option<&'v [(Cow<'v, str>, Json<'v>)]>,
+    depth: usize,
+}
+
+/// One keyword of a cleaned schema.
+enum Keyword<'v> {
+    /// Copied as it is.
+    Copy(&'v Json<'v>),
+    /// A subschema (`items`).
+    Schema(Schema<'v>),
+    /// `properties`: name → subschema.
+    Properties(&'v [(Cow<'v, str>, Json<'v>)]),
+    /// `anyOf`/`oneOf`: a list of subschemas.
+    AnyOf(&'v [Json<'v>]),
+    /// `nullable: true`.
+    True,
+    /// `const` as `enum: [value]`.
+    Const(&'v Json<'v>),
+    /// A list of types as `anyOf: [{"type": T}, …]`.
+    Types(Vec<&'v Json<'v>>),
+}
+
+impl<'v> Schema<'v> {
+    fn new(schema: &'v Json<'v>) -> Self {
+        let defs = schema
+            .get("$defs")
+            .or_else(|| schema.get("definitions"))
+            .and_then(Json::as_object);
+        Schema {
+            schema,
+            defs,
+            depth: 0,
+        }
+        .resolved()
+    }
+
+    /// Follows `$ref`s into the definitions.
+    fn resolved(mut self) -> Self {
+        while self.depth <= 16 {
+            let Some(target) = self
+                .schema
+                .get("$ref")
+                .and_then(Json::as_str)
+                .and_then(|r| r.rsplit('/').next())
+                .and_then(|name| find(self.defs?, name))
+            else {
+                break;
+            };
+            self.schema = target;
+            self.depth += 1;
+        }
+        self
+    }
+
+    fn child(&self, schema: &'v Json<'v>) -> Self {
+        Schema {
+            schema,
+            defs: self.defs,
+            depth: self.depth + 1,
+        }
+        .resolved()
+    }
+
+    /// Too deep (a recursive `$ref`): Gemini cannot express it; stop with an open object.
+    fn too_deep(&self) -> bool {
+        matches!(self.schema, Json::Object(_)) && self.depth > 16
+    }
+
+    /// The cleaned keywords of an object schema, later ones replacing earlier ones of the
+    /// same name (`oneOf` over `anyOf`, `enum` over `const`).
+    fn keywords(&self) -> Vec<(&'v str, Keyword<'v>)> {
+        let Json::Object(obj) = self.schema else {
+            return vec![];
+        };
+        // (keyword, the source keyword it came from, value)
+        let mut out: Vec<(&'v str, &'v str, Keyword<'v>)> = Vec::with_capacity(obj.len());
+        for (k, v) in obj {
+            let source: &'v str = k;
+            // Of two sources of one keyword, the later in sorted order wins (`oneOf` over
+            // `anyOf`, `enum` over `const`), as when the schema was a sorted map.
+            let mut put =
+                |key: &'v str, kw: Keyword<'v>| match out.iter_mut().find(|(k, _, _)| *k == key) {
+                    Some(slot) if source >= slot.1 => *slot = (key, source, kw),
+                    Some(_) => {}
+                    None => out.push((key, source, kw)),
+                };
+            match source {
+                "properties" => {
+                    if let Json::Object(props) = v {
+                        put("properties", Keyword::Properties(props));
+                    }
+                }
+                "items" => put("items", Keyword::Schema(self.child(v))),
+                "anyOf" | "oneOf" => {
+                    if let Json::Array(list) = v {
+                        put("anyOf", Keyword::AnyOf(list));
+                    }
+                }
+                "type" => match v {
+                    Json::Array(types) => {
+                        let kept: Vec<&Json<'v>> = types
+                            .iter()
+                            .filter(|t| t.as_str() != Some("null"))
+                            .collect();
+                        if kept.len() < types.len() {
+                            put("nullable", Keyword::True);
+                        }
+                        match kept.as_slice() {
+                            [one] => put("type", Keyword::Copy(one)),
+                            [] => {}
+                            _ => put("anyOf", Keyword::Types(kept)),
+                        }
+                    }
+                    other => put("type", Keyword::Copy(other)),
+                },
+                "const" => put("enum", Keyword::Const(v)),
+                key if SCHEMA_KEYS.contains(&key) => put(key, Keyword::Copy(v)),
+                _ => {}
+            }
+        }
+        out.into_iter().map(|(k, _, kw)| (k, kw)).collect()
+    }
+
+    /// Whether the cleaned schema is an OBJECT without properties, which Gemini rejects as
+    /// function parameters.
+    fn is_empty_object(&self) -> bool {
+        if self.too_deep() {
+            return true;
+        }
+        let keywords = self.keywords();
+        let is_object = keywords.iter().any(|(k, kw)| {
+            *k == "type" && matches!(kw, Keyword::Copy(t) if t.as_str() == Some("object"))
+        });
+        is_object
+            && keywords.iter().all(|(k, kw)| {
+                *k != "properties" || matches!(kw, Keyword::Properties(p) if p.is_empty())
+            })
+    }
+}
+
+impl Serialize for Schema<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        if !matches!(self.schema, Json::Object(_)) {
+            return self.schema.serialize(s);
+        }
+        if self.too_deep() {
+            let mut map = s.serialize_map(Some(1))?;
+            map.serialize_entry("type", "object")?;
+            return map.end();
+        }
+        let keywords = self.keywords();
+        let mut map = s.serialize_map(Some(keywords.len()))?;
+        for (k, kw) in &keywords {
+            match kw {
+                Keyword::Copy(v) => map.serialize_entry(k, v)?,
+                Keyword::Schema(sub) => map.serialize_entry(k, sub)?,
+                Keyword::Properties(props) => map.serialize_entry(k, &Properties(self, props))?,
+                Keyword::AnyOf(list) => map.serialize_entry(k, &AnyOf(self, list))?,
+                Keyword::True => map.serialize_entry(k, &true)?,
+                Keyword::Const(v) => map.serialize_entry(k, &[v])?,
+                Keyword::Types(types) => map.serialize_entry(k, &Types(types))?,
+            }
+        }
+        map.end()
+    }
+}
+
+/// `properties` of a cleaned schema.
+struct Properties<'s, 'v>(&'s Schema<'v>, &'v [(Cow<'v, str>, Json<'v>)]);
+
+impl Serialize for Properties<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.1.iter().map(|(name, sub)| (name, self.0.child(sub))))
+    }
+}
+
+/// `anyOf` (or `oneOf`) of a cleaned schema.
+struct AnyOf<'s, 'v>(&'s Schema<'v>, &'v [Json<'v>]);
+
+impl Serialize for AnyOf<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.1.iter().map(|sub| self.0.child(sub)))
+    }
+}
+
+/// Several types as `[{"type": T}, …]`.
+struct Types<'s, 'v>(&'s [&'v Json<'v>]);
+
+impl Serialize for Types<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct OneType<'v> {
+            #[serde(rename = "type")]
+            kind: &'v Json<'v>,
+        }
+        s.collect_seq(self.0.iter().map(|kind| OneType { kind }))
+    }
+}
+
+/// An OpenAI tool: a function, or one of Gemini's own tools (`{"googleSearch": {}}`), which is
+/// passed through as sent.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolIn<'a> {
+    #[serde(default, borrow)]
+    function: Option<FunctionIn<'a>>,
+    #[serde(default)]
+    google_search: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    google_search_retrieval: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    code_execution: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    url_context: Option<serde::de::IgnoredAny>,
+}
+
+impl ToolIn<'_> {
+    fn is_native(&self) -> bool {
+        self.google_search.is_some()
+            || self.google_search_retrieval.is_some()
+            || self.code_execution.is_some()
+            || self.url_context.is_some()
+    }
+}
+
+/// An OpenAI function (the `function` of a tool, or a legacy `functions` entry).
+#[derive(Deserialize)]
+struct FunctionIn<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    description: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    parameters: Option<&'a RawValue>,
+}
+
+/// A Gemini `Tool`: function declarations, or one of Gemini's own tools passed through.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Tool<'a> {
+    Functions {
+        #[serde(rename = "functionDeclarations")]
+        function_declarations: Vec<Declaration<'a>>,
+    },
+    Native(&'a RawValue),
+}
+
+/// A function declaration; the description is copied through as raw JSON.
+#[derive(Serialize)]
+struct Declaration<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Schema<'a>>,
+}
+
+/// A list field of the body (`tools`, `functions`) as `T`s; absent or `null` is empty.
+fn list_field<'a, T: Deserialize<'a>>(
+    body: &'a RequestBody<'_>,
+    key: &str,
+) -> Result<Vec<T>, ApiError> {
+    match body.raw(key) {
+        None | Some("null") => Ok(vec![]),
+        Some(raw) => serde_json::from_str(raw)
+            .map_err(|e| bad(format!("Invalid request body: `{key}`: {e}")).with_param(key)),
+    }
+}
+
+/// Splits the client's tools into functions and Gemini's own tools (passed through as sent).
+fn split_tools<'a>(
+    body: &'a RequestBody<'_>,
+) -> Result<(Vec<FunctionIn<'a>>, Vec<&'a RawValue>), ApiError> {
+    let tools: Vec<ToolIn> = list_field(body, "tools")?;
+    let functions: Vec<FunctionIn> = list_field(body, "functions")?;
+    let mut declared = Vec::with_capacity(tools.len() + functions.len());
     let mut native = vec![];
-    for t in tools {
-        if let Some(f) = t.get("function") {
-            declarations.push(function_declaration(f)?);
-        } else if t
-            .as_object()
-            .is_some_and(|o| o.keys().any(|k| NATIVE_TOOLS.contains(&k.as_str())))
-        {
-            native.push(t);
+    let mut raw: Option<Vec<&RawValue>> = None;
+    for (i, tool) in tools.into_iter().enumerate() {
+        if let Some(f) = tool.function {
+            declared.push(f);
+        } else if tool.is_native() {
+            // Rare: the tools again, as raw JSON, to send this one as it is.
+            if raw.is_none() {
+                raw = Some(list_field(body, "tools")?);
+            }
+            native.extend(raw.as_ref().and_then(|r| r.get(i)).copied());
         } else {
             return Err(bad("Only function tools are supported").with_param("tools"));
         }
     }
-    for f in &functions {
-        declarations.push(function_declaration(f)?);
-    }
-    let mut out = vec![];
-    if !declarations.is_empty() {
-        out.push(json!({"functionDeclarations": declarations}));
-    }
-    out.extend(native);
-    Ok(out)
+    declared.extend(functions);
+    Ok((declared, native))
 }
 
-fn convert_tool_choice(choice: &Value) -> Result<Option<Value>, ApiError> {
-    let config = match choice {
-        Value::String(s) if s == "auto" => json!({"mode": "AUTO"}),
-        Value::String(s) if s == "none" => json!({"mode": "NONE"}),
-        Value::String(s) if s == "required" || s == "any" => json!({"mode": "ANY"}),
+/// Function declarations; `schemas` holds each function's parameters, parsed.
+fn declarations<'a>(
+    functions: &'a [FunctionIn<'a>],
+    schemas: &'a [Option<Json<'a>>],
+) -> Result<Vec<Declaration<'a>>, ApiError> {
+    functions
+        .iter()
+        .zip(schemas)
+        .map(|(f, schema)| {
+            let name = f
+                .name
+                .as_deref()
+                .ok_or_else(|| bad("A tool has no name").with_param("tools"))?;
+            Ok(Declaration {
+                name,
+                description: f.description,
+                // Gemini rejects an OBJECT schema without properties: a function without
+                // arguments simply has no `parameters`.
+                parameters: schema
+                    .as_ref()
+                    .map(Schema::new)
+                    .filter(|s| !s.is_empty_object()),
+            })
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolConfig {
+    function_calling_config: CallingConfig,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CallingConfig {
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allowed_function_names: Option<[String; 1]>,
+}
+
+fn convert_tool_choice(choice: &Value) -> Result<Option<ToolConfig>, ApiError> {
+    let (mode, name) = match choice {
+        Value::String(s) if s == "auto" => ("AUTO", None),
+        Value::String(s) if s == "none" => ("NONE", None),
+        Value::String(s) if s == "required" || s == "any" => ("ANY", None),
         Value::Object(_) => match choice
             .pointer("/function/name")
             .or_else(|| choice.get("name"))
             .and_then(Value::as_str)
         {
-            Some(name) => json!({"mode": "ANY", "allowedFunctionNames": [name]}),
+            Some(name) => ("ANY", Some([name.to_string()])),
             None => return Err(bad("tool_choice names no function").with_param("tool_choice")),
         },
         Value::Null => return Ok(None),
         other => return Err(bad(format!("Invalid tool_choice: {other}")).with_param("tool_choice")),
     };
-    Ok(Some(json!({"functionCallingConfig": config})))
+    Ok(Some(ToolConfig {
+        function_calling_config: CallingConfig {
+            mode,
+            allowed_function_names: name,
+        },
+    }))
 }
 
 /// `reasoning_effort` (LiteLLM's budgets) or an Anthropic-style `thinking` as `thinkingConfig`.
@@ -472,6 +1024,85 @@ fn thinking_config(body: &RequestBody<'_>) -> Result<Option<Value>, ApiError> {
         return Ok(Some(config));
     }
     Ok(None)
+}
+
+/// The `generateContent` request body.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerateContent<'a> {
+    contents: Vec<Turn<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_instruction: Option<SystemInstruction<'a>>,
+    #[serde(skip_serializing_if = "GenerationConfig::is_empty")]
+    generation_config: GenerationConfig<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<Tool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_config: Option<ToolConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    safety_settings: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct SystemInstruction<'a> {
+    parts: Vec<Part<'a>>,
+}
+
+/// `generationConfig`; sampling parameters are copied through as raw JSON.
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    candidate_count: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_output_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_sequences: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_mime_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_schema: Option<Schema<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking_config: Option<Value>,
+}
+
+impl GenerationConfig<'_> {
+    fn is_empty(&self) -> bool {
+        self.temperature.is_none()
+            && self.top_p.is_none()
+            && self.top_k.is_none()
+            && self.candidate_count.is_none()
+            && self.presence_penalty.is_none()
+            && self.frequency_penalty.is_none()
+            && self.seed.is_none()
+            && self.max_output_tokens.is_none()
+            && self.stop_sequences.is_none()
+            && self.response_mime_type.is_none()
+            && self.response_schema.is_none()
+            && self.thinking_config.is_none()
+    }
+}
+
+/// A body field as raw JSON (absent or `null` is `None`).
+fn raw_field<'a>(body: &'a RequestBody<'_>, key: &str) -> Result<Option<&'a RawValue>, ApiError> {
+    match body.raw(key) {
+        None | Some("null") => Ok(None),
+        Some(raw) => serde_json::from_str(raw)
+            .map(Some)
+            .map_err(|e| bad(format!("Invalid request body: `{key}`: {e}")).with_param(key)),
+    }
 }
 
 /// Characters a model, project or location may hold: anything else could change the path.
@@ -600,6 +1231,7 @@ fn chat_request(
     opts: &CallOptions,
     vertex: bool,
 ) -> Result<UpstreamRequest, ApiError> {
+    let body: &RequestBody = body;
     let mut unsupported: Vec<&str> = UNSUPPORTED
         .iter()
         .copied()
@@ -621,53 +1253,54 @@ fn chat_request(
     }
     check_unsupported(unsupported, upstream_model, opts)?;
 
-    let messages: Vec<OpenAiMessage> = parse_field(body, "messages")?.unwrap_or_default();
-    let (system, contents) = convert_messages(messages)?;
-    let mut out = Map::new();
-    out.insert("contents".into(), json!(contents));
-    if !system.is_empty() {
-        out.insert("systemInstruction".into(), json!({"parts": system}));
-    }
+    let messages_len = body.raw("messages").map_or(0, str::len);
+    let messages: Vec<Message> = list_field(body, "messages")?;
+    let (system, contents) = convert_messages(&messages)?;
 
-    let mut config = Map::new();
-    for (key, gemini) in [
-        ("temperature", "temperature"),
-        ("top_p", "topP"),
-        ("top_k", "topK"),
-        ("n", "candidateCount"),
-        ("presence_penalty", "presencePenalty"),
-        ("frequency_penalty", "frequencyPenalty"),
-        ("seed", "seed"),
-    ] {
-        if let Some(v) = parse_field::<Value>(body, key)? {
-            config.insert(gemini.into(), v);
-        }
-    }
+    let mut config = GenerationConfig {
+        temperature: raw_field(body, "temperature")?,
+        top_p: raw_field(body, "top_p")?,
+        top_k: raw_field(body, "top_k")?,
+        candidate_count: raw_field(body, "n")?,
+        presence_penalty: raw_field(body, "presence_penalty")?,
+        frequency_penalty: raw_field(body, "frequency_penalty")?,
+        seed: raw_field(body, "seed")?,
+        ..Default::default()
+    };
     let max_tokens: Option<u64> = parse_field(body, "max_completion_tokens")?;
-    if let Some(max) = max_tokens.or(parse_field(body, "max_tokens")?) {
-        config.insert("maxOutputTokens".into(), json!(max));
-    }
+    config.max_output_tokens = match max_tokens {
+        Some(max) => Some(max),
+        None => parse_field(body, "max_tokens")?,
+    };
     if let Some(stop) = parse_field::<Value>(body, "stop")? {
-        let list = match stop {
+        config.stop_sequences = Some(match stop {
             Value::String(s) => vec![s],
             Value::Array(a) => a
                 .into_iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                })
                 .collect(),
             other => return Err(bad(format!("Invalid stop: {other}")).with_param("stop")),
-        };
-        config.insert("stopSequences".into(), json!(list));
+        });
     }
-    if let Some(format) = parse_field::<Value>(body, "response_format")? {
-        match format.get("type").and_then(Value::as_str) {
-            Some("json_object") => {
-                config.insert("responseMimeType".into(), json!("application/json"));
-            }
+    let format: Option<Json> = match body.raw("response_format") {
+        None | Some("null") => None,
+        Some(raw) => Some(serde_json::from_str(raw).map_err(|e| {
+            bad(format!("Invalid request body: `response_format`: {e}"))
+                .with_param("response_format")
+        })?),
+    };
+    if let Some(format) = &format {
+        match format.get("type").and_then(Json::as_str) {
+            Some("json_object") => config.response_mime_type = Some("application/json"),
             Some("json_schema") => {
-                config.insert("responseMimeType".into(), json!("application/json"));
-                if let Some(schema) = format.pointer("/json_schema/schema") {
-                    config.insert("responseSchema".into(), clean_schema(schema));
-                }
+                config.response_mime_type = Some("application/json");
+                config.response_schema = format
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .map(Schema::new);
             }
             Some("text") | None => {}
             Some(other) => {
@@ -676,29 +1309,40 @@ fn chat_request(
             }
         }
     }
-    if let Some(thinking) = thinking_config(body)? {
-        config.insert("thinkingConfig".into(), thinking);
-    }
-    if !config.is_empty() {
-        out.insert("generationConfig".into(), Value::Object(config));
-    }
+    config.thinking_config = thinking_config(body)?;
 
-    let tools = convert_tools(
-        parse_field(body, "tools")?.unwrap_or_default(),
-        parse_field(body, "functions")?.unwrap_or_default(),
-    )?;
-    if !tools.is_empty() {
-        out.insert("tools".into(), json!(tools));
+    let tools_len = body.raw("tools").map_or(0, str::len);
+    let (functions, native) = split_tools(body)?;
+    let schemas = functions
+        .iter()
+        .map(|f| {
+            f.parameters
+                .map(|p| serde_json::from_str::<Json>(p.get()))
+                .transpose()
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools"))?;
+    let declarations = declarations(&functions, &schemas)?;
+    let mut tools = Vec::with_capacity(1 + native.len());
+    if !declarations.is_empty() {
+        tools.push(Tool::Functions {
+            function_declarations: declarations,
+        });
     }
-    if let Some(choice) = parse_field::<Value>(body, "tool_choice")? {
-        if let Some(c) = convert_tool_choice(&choice)? {
-            out.insert("toolConfig".into(), c);
-        }
-    }
-    if let Some(safety) = parse_field::<Value>(body, "safety_settings")? {
-        out.insert("safetySettings".into(), safety);
-    }
+    tools.extend(native.into_iter().map(Tool::Native));
+    let tool_config = match parse_field::<Value>(body, "tool_choice")? {
+        Some(choice) => convert_tool_choice(&choice)?,
+        None => None,
+    };
 
+    let out = GenerateContent {
+        contents,
+        system_instruction: (!system.is_empty()).then_some(SystemInstruction { parts: system }),
+        generation_config: config,
+        tools,
+        tool_config,
+        safety_settings: raw_field(body, "safety_settings")?,
+    };
     let method = if stream {
         "streamGenerateContent?alt=sse"
     } else {
@@ -707,7 +1351,12 @@ fn chat_request(
     Ok(UpstreamRequest {
         path: model_path(d, upstream_model, vertex, method)?,
         headers: headers(d, vertex),
-        body: serde_json::to_vec(&Value::Object(out)).expect("json serializes"),
+        body: {
+            // Sized once: the output is about as long as the client's messages and tools.
+            let mut bytes = Vec::with_capacity(messages_len + tools_len + 256);
+            serde_json::to_writer(&mut bytes, &out).expect("json serializes");
+            bytes
+        },
         injected_stream_usage: false,
     })
 }
@@ -1014,6 +1663,88 @@ fn translate_embeddings(v: &Value, model: &str) -> Result<(Vec<u8>, Option<Usage
     ))
 }
 
+/// One event of a `streamGenerateContent` stream, borrowed from the event's bytes.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StreamEvent<'a> {
+    #[serde(default, borrow)]
+    candidates: Option<Vec<StreamCandidate<'a>>>,
+    #[serde(default)]
+    usage_metadata: Option<GeminiUsage>,
+    #[serde(default, borrow)]
+    response_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(default, borrow)]
+    prompt_feedback: Option<PromptFeedback<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback<'a> {
+    #[serde(default, borrow)]
+    block_reason: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StreamCandidate<'a> {
+    #[serde(default, borrow)]
+    content: Option<StreamContent<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+    #[serde(default)]
+    index: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct StreamContent<'a> {
+    #[serde(default, borrow)]
+    parts: Option<Vec<StreamPart<'a>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StreamPart<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default)]
+    thought: Option<bool>,
+    #[serde(default, borrow)]
+    thought_signature: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    function_call: Option<StreamCall<'a>>,
+}
+
+#[derive(Deserialize)]
+struct StreamCall<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    args: Option<&'a RawValue>,
+}
+
+/// A streamed tool call delta.
+#[derive(Serialize)]
+struct ToolCallDelta<'a> {
+    tool_calls: [ToolCallChunk<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct ToolCallChunk<'a> {
+    index: usize,
+    id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: ToolCallFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct ToolCallFunction<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
 /// Turns Gemini's SSE stream (`data: {GenerateContentResponse}` per event, no terminator) into
 /// OpenAI `chat.completion.chunk` events, for any chunking of the input.
 #[derive(Default)]
@@ -1024,6 +1755,8 @@ pub struct GeminiStream {
     created: u64,
     /// The fixed chunk envelope, rebuilt once the response id is known.
     writer: ChunkWriter,
+    /// What `writer` puts before the choice of every chunk.
+    head: Vec<u8>,
     usage: Option<GeminiUsage>,
     /// Candidates seen so far: (choice index, tool calls sent for it).
     choices: Vec<(u64, usize)>,
@@ -1035,14 +1768,28 @@ pub struct GeminiStream {
 impl GeminiStream {
     pub fn new(model: &str, include_usage: bool) -> Self {
         let (id, created) = (fallback_id(), now());
-        GeminiStream {
-            writer: ChunkWriter::new(&id, created, model),
+        let mut stream = GeminiStream {
             id,
             model: model.to_string(),
             created,
             include_usage,
             ..Default::default()
-        }
+        };
+        stream.set_writer();
+        stream
+    }
+
+    fn set_writer(&mut self) {
+        self.writer = ChunkWriter::new(&self.id, self.created, &self.model);
+        // The envelope before the choice, as the writer writes it, for deltas written here.
+        self.head.clear();
+        self.writer.choice(&mut self.head, &Value::Null);
+        let len = self
+            .head
+            .strip_suffix(b"null]}\n\n")
+            .expect("a chunk ends with its choices")
+            .len();
+        self.head.truncate(len);
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -1064,8 +1811,47 @@ impl GeminiStream {
         self.end(out);
     }
 
-    fn chunk(&self, index: u64, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
-        self.writer.delta(out, index, &delta, finish);
+    /// Starts a chunk of choice `index`, up to its delta.
+    fn open(&self, index: u64, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(b"{\"index\":");
+        if index < 10 {
+            out.push(b'0' + index as u8);
+        } else {
+            out.extend_from_slice(index.to_string().as_bytes());
+        }
+        out.extend_from_slice(b",\"delta\":");
+    }
+
+    /// Ends a chunk after its delta.
+    fn close(finish: Option<&'static str>, out: &mut Vec<u8>) {
+        out.extend_from_slice(b",\"finish_reason\":");
+        match finish {
+            // OpenAI finish reasons are plain words: nothing to escape.
+            Some(f) => {
+                out.push(b'"');
+                out.extend_from_slice(f.as_bytes());
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b"}]}\n\n");
+    }
+
+    /// A chunk whose delta is fixed JSON.
+    fn raw_chunk(&self, index: u64, delta: &[u8], finish: Option<&'static str>, out: &mut Vec<u8>) {
+        self.open(index, out);
+        out.extend_from_slice(delta);
+        Self::close(finish, out);
+    }
+
+    /// A text (or reasoning) delta.
+    fn text_chunk(&self, index: u64, key: &[u8], text: &str, out: &mut Vec<u8>) {
+        self.open(index, out);
+        out.extend_from_slice(key);
+        serde_json::to_writer(&mut *out, text).expect("strings serialize");
+        out.push(b'}');
+        Self::close(None, out);
     }
 
     /// The slot of a candidate, sending its role chunk the first time it is seen.
@@ -1073,12 +1859,7 @@ impl GeminiStream {
         if let Some(slot) = self.choices.iter().position(|(i, _)| *i == index) {
             return slot;
         }
-        self.chunk(
-            index,
-            json!({"role": "assistant", "content": ""}),
-            None,
-            out,
-        );
+        self.raw_chunk(index, br#"{"role":"assistant","content":""}"#, None, out);
         self.choices.push((index, 0));
         self.choices.len() - 1
     }
@@ -1090,10 +1871,10 @@ impl GeminiStream {
         let Some(data) = event_data(event) else {
             return;
         };
-        let Ok(v) = serde_json::from_slice::<Value>(data) else {
+        let Ok(v) = serde_json::from_slice::<StreamEvent>(data) else {
             return;
         };
-        if let Some(e) = v.get("error") {
+        if let Some(e) = &v.error {
             let err = json!({"error": {
                 "message": format!("litellm.APIError: GeminiException - {}", e["message"].as_str().unwrap_or("stream error")),
                 "type": e["status"].as_str().unwrap_or("api_error"),
@@ -1106,62 +1887,69 @@ impl GeminiStream {
         }
         if !self.started {
             self.started = true;
-            if let Some(id) = response_id(&v) {
-                self.id = id;
-                self.writer = ChunkWriter::new(&self.id, self.created, &self.model);
+            if let Some(id) = v.response_id.as_deref().filter(|id| !id.is_empty()) {
+                self.id = id.to_string();
+                self.set_writer();
             }
         }
-        if let Some(u) = GeminiUsage::from_response(&v) {
+        if let Some(u) = v.usage_metadata.filter(|u| u.total() > 0) {
             self.usage = Some(u);
         }
-        let candidates = v
-            .get("candidates")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        let candidates = v.candidates.as_deref().unwrap_or_default();
         for (pos, c) in candidates.iter().enumerate() {
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(pos as u64);
+            let index = c.index.unwrap_or(pos as u64);
             let slot = self.choice(index, out);
             let parts = c
-                .pointer("/content/parts")
-                .and_then(Value::as_array)
-                .map(Vec::as_slice)
+                .content
+                .as_ref()
+                .and_then(|c| c.parts.as_deref())
                 .unwrap_or_default();
             for p in parts {
-                if let Some((name, args)) = function_call(p) {
+                if let Some(call) = &p.function_call {
                     let n = self.choices[slot].1;
                     self.choices[slot].1 += 1;
-                    self.chunk(
-                        index,
-                        json!({"tool_calls": [{
-                            "index": n,
-                            "id": tool_call_id(n, p),
-                            "type": "function",
-                            "function": {"name": name, "arguments": args},
-                        }]}),
-                        None,
-                        out,
-                    );
-                } else if let Some(t) = p.get("text").and_then(Value::as_str) {
+                    let id = match p.thought_signature.as_deref() {
+                        Some(sig) if !sig.is_empty() => format!("call_{n}{THOUGHT_SEP}{sig}"),
+                        _ => format!("call_{n}"),
+                    };
+                    let delta = ToolCallDelta {
+                        tool_calls: [ToolCallChunk {
+                            index: n,
+                            id,
+                            kind: "function",
+                            function: ToolCallFunction {
+                                name: call.name.as_deref().unwrap_or(""),
+                                arguments: call.args.map_or("{}", RawValue::get),
+                            },
+                        }],
+                    };
+                    self.open(index, out);
+                    serde_json::to_writer(&mut *out, &delta).expect("json serializes");
+                    Self::close(None, out);
+                } else if let Some(t) = p.text.as_deref() {
                     if t.is_empty() {
                         continue;
                     }
-                    let key = if is_thought(p) {
-                        "reasoning_content"
+                    let key: &[u8] = if p.thought == Some(true) {
+                        b"{\"reasoning_content\":"
                     } else {
-                        "content"
+                        b"{\"content\":"
                     };
-                    self.chunk(index, json!({ key: t }), None, out);
+                    self.text_chunk(index, key, t, out);
                 }
             }
-            if let Some(reason) = c.get("finishReason").and_then(Value::as_str) {
+            if let Some(reason) = c.finish_reason.as_deref() {
                 let finish = finish_reason(Some(reason), self.choices[slot].1 > 0);
-                self.chunk(index, json!({}), Some(finish), out);
+                self.raw_chunk(index, b"{}", Some(finish), out);
             }
         }
-        if candidates.is_empty() && v.pointer("/promptFeedback/blockReason").is_some() {
+        if candidates.is_empty()
+            && v.prompt_feedback
+                .as_ref()
+                .is_some_and(|f| f.block_reason.is_some())
+        {
             self.choice(0, out);
-            self.chunk(0, json!({}), Some("content_filter"), out);
+            self.raw_chunk(0, b"{}", Some("content_filter"), out);
         }
     }
 

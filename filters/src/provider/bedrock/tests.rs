@@ -189,6 +189,37 @@ fn tool_choices_response_format_and_model_specific_fields() {
 }
 
 #[test]
+fn text_is_copied_through_or_escaped() {
+    // Unescaped strings are copied through as sent; escaped ones are decoded and re-escaped.
+    let body = r#"{"model":"m","messages":[{"role":"system","content":"plain caf\u00e9 \"q\"\n"},{"role":"user","content":[{"type":"text","text":"plain café"},{"type":"text","text":"tab\there"}]},{"role":"assistant","content":"ok","reasoning_content":"why"},{"role":"tool","tool_call_id":"t","content":"\\ done"}]}"#;
+    let req = build(body.as_bytes(), CallOptions::default()).unwrap();
+    assert_eq!(
+        body_of(&req),
+        json!({
+            "system": [{"text": "plain caf\u{e9} \"q\"\n"}],
+            "messages": [
+                {"role": "user", "content": [{"text": "plain caf\u{e9}"}, {"text": "tab\there"}]},
+                {"role": "assistant", "content": [{"text": "why"}, {"text": "ok"}]},
+                {"role": "user", "content": [{"toolResult": {"toolUseId": "t", "content": [{"text": "\\ done"}]}}]}
+            ]
+        })
+    );
+    let text = |src: &str, at: std::ops::Range<usize>| match super::text(src, &src[at]) {
+        Text::Raw(r) => format!("raw {}", r.get()),
+        Text::Str(s) => format!("str {s}"),
+    };
+    let src = r#"["ab","c\d",x"e"]"#;
+    assert_eq!(text(src, 2..4), r#"raw "ab""#);
+    assert_eq!(text(src, 2..3), "str a");
+    assert_eq!(text(src, 7..10), r#"str c\d"#);
+    assert_eq!(text(src, 0..1), "str [");
+    assert_eq!(text(src, 12..13), "str x");
+    assert_eq!(text(src, 14..15), r#"raw "e""#);
+    assert_eq!(text(src, 16..17), "str ]");
+    assert_eq!(text("x", 0..1), "str x");
+}
+
+#[test]
 fn images_must_be_data_urls_and_roles_are_checked() {
     let body = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://example.com/cat.png"}}]}]}"#;
     let e = build(body, CallOptions::default()).unwrap_err();

@@ -304,6 +304,16 @@ fn system_only_and_unknown_tool_ids() {
 }
 
 #[test]
+fn native_tools_pass_through_after_functions() {
+    let body = br#"{"model":"g","messages":[{"role":"user","content":"hi"}],"tools":[{"googleSearch":{}},{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{}}}},{"codeExecution":{}}]}"#;
+    let got = body_of(&build(body, CallOptions::default()).unwrap());
+    assert_eq!(
+        got["tools"],
+        json!([{"functionDeclarations": [{"name": "f"}]}, {"googleSearch": {}}, {"codeExecution": {}}])
+    );
+}
+
+#[test]
 fn completions_are_refused() {
     let e = build_with(
         Operation::Completions,
