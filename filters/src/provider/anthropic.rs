@@ -12,6 +12,7 @@ use sluice_config::Deployment;
 
 use super::common::{
     bad, now, parse_field, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart,
+    InTool,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -231,24 +232,6 @@ fn convert_messages<'a>(raw: &'a [InMessage<'a>]) -> Result<Converted<'a>, ApiEr
         }
     }
     Ok((system, messages))
-}
-
-#[derive(Deserialize)]
-struct InTool<'a> {
-    #[serde(default, borrow)]
-    function: Option<InToolFunction<'a>>,
-    #[serde(default, borrow)]
-    cache_control: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct InToolFunction<'a> {
-    #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    description: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    parameters: Option<&'a RawValue>,
 }
 
 /// An Anthropic tool. Schemas and descriptions are copied through as raw JSON.

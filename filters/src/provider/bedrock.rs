@@ -19,6 +19,7 @@ use sluice_config::Deployment;
 
 use super::common::{
     bad, now, parse_field, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart,
+    InTool,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -315,24 +316,6 @@ fn convert_messages<'a>(src: &'a str, raw: &'a [InMessage<'a>]) -> Result<Conver
         }
     }
     Ok((system, messages))
-}
-
-#[derive(Deserialize)]
-struct InTool<'a> {
-    #[serde(default, borrow)]
-    function: Option<InToolFunction<'a>>,
-    #[serde(default, borrow)]
-    cache_control: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct InToolFunction<'a> {
-    #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    description: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    parameters: Option<&'a RawValue>,
 }
 
 /// An entry of `toolConfig.tools`.

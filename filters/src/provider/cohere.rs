@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
-use super::common::{now, raw_value, usage_json, ChunkWriter};
+use super::common::{bearer_request, now, raw_value, usage_json, ChunkWriter};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -129,28 +129,14 @@ pub(super) fn build_request(
             for (k, v) in out {
                 chat.set_json(&k, v.to_string());
             }
-            return Ok(finish_request(d, "/v2/chat", chat.to_bytes()));
+            return Ok(bearer_request(d, "/v2/chat", chat.to_bytes()));
         }
     };
-    Ok(finish_request(
+    Ok(bearer_request(
         d,
         path,
         serde_json::to_vec(&Value::Object(out)).expect("json serializes"),
     ))
-}
-
-fn finish_request(d: &Deployment, path: &str, body: Vec<u8>) -> UpstreamRequest {
-    let mut headers = vec![];
-    if let Some(k) = &d.api_key {
-        headers.push(("authorization".to_string(), format!("Bearer {k}")));
-    }
-    headers.extend(d.extra_headers.iter().cloned());
-    UpstreamRequest {
-        path: path.into(),
-        headers,
-        body,
-        injected_stream_usage: false,
-    }
 }
 
 fn finish_reason(reason: Option<&str>) -> &'static str {

@@ -50,17 +50,18 @@ pub(super) struct InMessage<'a> {
     pub reasoning_content: Option<Cow<'a, str>>,
 }
 
-pub(super) enum InContent<'a> {
+/// Message content: a string or a list of parts (`P`: the part type a translator reads).
+pub(super) enum InContent<'a, P = InPart<'a>> {
     Text(Cow<'a, str>),
-    Parts(Vec<InPart<'a>>),
+    Parts(Vec<P>),
 }
 
 /// A string or a list of parts, read directly (an untagged enum would buffer every message).
-impl<'de: 'a, 'a> Deserialize<'de> for InContent<'a> {
+impl<'de: 'a, 'a, P: Deserialize<'de>> Deserialize<'de> for InContent<'a, P> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
-            type Value = InContent<'a>;
+        struct V<'a, P>(std::marker::PhantomData<(&'a (), P)>);
+        impl<'de: 'a, 'a, P: Deserialize<'de>> serde::de::Visitor<'de> for V<'a, P> {
+            type Value = InContent<'a, P>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a string or a list of content parts")
             }
@@ -121,6 +122,45 @@ pub(super) struct InFunction<'a> {
     pub name: Cow<'a, str>,
     #[serde(default, borrow)]
     pub arguments: Cow<'a, str>,
+}
+
+/// One OpenAI tool definition, borrowed; schemas and descriptions stay raw JSON.
+#[derive(Deserialize)]
+pub(super) struct InTool<'a> {
+    #[serde(default, borrow)]
+    pub function: Option<InToolFunction<'a>>,
+    #[serde(default, borrow)]
+    pub cache_control: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct InToolFunction<'a> {
+    #[serde(default, borrow)]
+    pub name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub description: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    pub parameters: Option<&'a RawValue>,
+}
+
+/// A request authenticated with `Authorization: Bearer <api_key>` (when the deployment has a
+/// key) plus the deployment's extra headers.
+pub(super) fn bearer_request(
+    d: &sluice_config::Deployment,
+    path: &str,
+    body: Vec<u8>,
+) -> super::UpstreamRequest {
+    let mut headers = Vec::with_capacity(1 + d.extra_headers.len());
+    if let Some(k) = &d.api_key {
+        headers.push(("authorization".to_string(), format!("Bearer {k}")));
+    }
+    headers.extend(d.extra_headers.iter().cloned());
+    super::UpstreamRequest {
+        path: path.into(),
+        headers,
+        body,
+        injected_stream_usage: false,
+    }
 }
 
 /// Seconds since the epoch, for `created`.

@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, ChunkWriter, InToolCall};
+use super::common::{bad, now, parse_field, ChunkWriter, InContent, InToolCall};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::classify::{classify_status, FailureKind};
@@ -79,41 +79,8 @@ struct Message<'a> {
     tool_call_id: Option<Cow<'a, str>>,
 }
 
-/// Message content: a string or a list of parts.
-enum Content<'a> {
-    Text(Cow<'a, str>),
-    Parts(Vec<ContentPart<'a>>),
-}
-
-/// Read directly (an untagged enum would buffer every message).
-impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
-            type Value = Content<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or a list of content parts")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Content::Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Content::Text(Cow::Owned(v.to_string())))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(2));
-                while let Some(p) = seq.next_element()? {
-                    parts.push(p);
-                }
-                Ok(Content::Parts(parts))
-            }
-        }
-        d.deserialize_any(V(std::marker::PhantomData))
-    }
-}
+/// Message content: a string or a list of OpenAI parts.
+type Content<'a> = InContent<'a, ContentPart<'a>>;
 
 /// One OpenAI content part (text, image, audio or file).
 #[derive(Deserialize)]

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, raw_value, usage_json, ChunkWriter, InContent, InImageUrl, InMessage,
+    bad, bearer_request, now, raw_value, usage_json, ChunkWriter, InContent, InImageUrl, InMessage,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -136,7 +136,7 @@ pub(super) fn build_request(
         if let Some(tools) = body.raw("tools").filter(|t| *t != "null") {
             chat.set_json("tools", tools.to_string());
         }
-        return Ok(finish_bytes(d, "/api/chat", chat.to_bytes()));
+        return Ok(bearer_request(d, "/api/chat", chat.to_bytes()));
     };
     Ok(finish(d, path, out))
 }
@@ -214,25 +214,11 @@ fn ollama_message<'a>(m: &'a InMessage<'a>) -> Result<OllamaMessage<'a>, ApiErro
 }
 
 fn finish(d: &Deployment, path: &str, body: Map<String, Value>) -> UpstreamRequest {
-    finish_bytes(
+    bearer_request(
         d,
         path,
         serde_json::to_vec(&Value::Object(body)).expect("json serializes"),
     )
-}
-
-fn finish_bytes(d: &Deployment, path: &str, body: Vec<u8>) -> UpstreamRequest {
-    let mut headers = vec![];
-    if let Some(k) = &d.api_key {
-        headers.push(("authorization".to_string(), format!("Bearer {k}")));
-    }
-    headers.extend(d.extra_headers.iter().cloned());
-    UpstreamRequest {
-        path: path.into(),
-        headers,
-        body,
-        injected_stream_usage: false,
-    }
 }
 
 #[derive(Deserialize, Default)]
