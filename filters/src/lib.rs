@@ -5,8 +5,10 @@
 pub mod auth;
 pub mod body;
 pub mod classify;
+pub mod cost;
 pub mod error;
 pub mod ingress;
+pub mod period;
 pub mod provider;
 pub mod route;
 pub mod sse;
