@@ -8,6 +8,7 @@ pub mod classify;
 pub mod cost;
 pub mod error;
 pub mod ingress;
+pub mod jwt;
 pub mod period;
 pub mod provider;
 pub mod route;
