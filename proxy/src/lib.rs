@@ -7,6 +7,7 @@
 pub mod app;
 pub mod gateway;
 pub mod google_auth;
+pub mod import;
 pub mod inference;
 pub mod info;
 pub mod metrics;

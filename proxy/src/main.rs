@@ -11,6 +11,8 @@ use sluice_proxy::server::{run, ServeOptions};
 #[derive(Parser, Debug)]
 #[command(name = "sluice", version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// LiteLLM-style config.yaml (else CONFIG_FILE_PATH, else the embedded default).
     #[arg(long, env = "CONFIG_FILE_PATH")]
     config: Option<PathBuf>,
@@ -32,6 +34,29 @@ struct Cli {
     graceful_shutdown_secs: u64,
 }
 
+/// Without a subcommand, `sluice` runs the gateway.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Copy keys, users, teams, memberships, budgets and end users from LiteLLM's database.
+    ///
+    /// Keys are copied as the sha256 hashes LiteLLM stores, so existing LiteLLM keys keep
+    /// working; rows go into the store the gateway uses. Running it again updates what it copied
+    /// before. Rows that do not fit are reported and skipped.
+    ImportLitellm(ImportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ImportArgs {
+    /// LiteLLM's database: postgres://USER:PASSWORD@HOST:PORT/DB (a Prisma `?schema=NAME` is
+    /// honoured).
+    #[arg(long, value_name = "URL")]
+    database_url: String,
+    /// The gateway's config.yaml; its general_settings.database_url (else DATABASE_URL, else
+    /// sluice.db in the current directory) is where the rows go.
+    #[arg(long, env = "CONFIG_FILE_PATH")]
+    config: Option<PathBuf>,
+}
+
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("LITELLM_LOG"))
@@ -46,8 +71,53 @@ fn init_logging(json: bool) {
     }
 }
 
+fn import_failed(e: impl std::fmt::Display) -> ! {
+    eprintln!("sluice import-litellm: {e}");
+    std::process::exit(1);
+}
+
+/// `sluice import-litellm`: prints the report, or exits 1 with the reason.
+fn import_litellm(args: ImportArgs, config: Option<PathBuf>, json_logs: bool) {
+    init_logging(json_logs);
+    let config = match args.config.or(config) {
+        Some(path) => sluice_config::load_file(&path).unwrap_or_else(|e| import_failed(e)),
+        None => sluice_config::embedded_default(),
+    };
+    let t = config.tenancy;
+    let target_url = t
+        .database_url
+        .clone()
+        .unwrap_or_else(|| sluice_proxy::store::DEFAULT_SQLITE_URL.to_string());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        // The source first: a wrong LiteLLM URL must not leave a new sluice.db behind.
+        let mut source = sluice_proxy::import::connect_source(&args.database_url).await?;
+        sluice_proxy::import::check_source(&mut source).await?;
+        let target =
+            sluice_proxy::store::open(t.database_url.as_deref(), t.pool_limit, t.connect_timeout)
+                .await?;
+        let report = sluice_proxy::import::import_from(&mut source, target).await;
+        let _ = sqlx::Connection::close(source).await;
+        report
+    });
+    match result {
+        Ok(report) => {
+            println!("into {}", sluice_proxy::store::redact_url(&target_url));
+            print!("{report}");
+        }
+        Err(e) => import_failed(format_args!("{e:#}")),
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    if let Some(Command::ImportLitellm(args)) = cli.command {
+        import_litellm(args, cli.config, cli.json_logs);
+        return;
+    }
     if let Some(path) = &cli.check_config {
         match sluice_config::load_file(path) {
             Ok(c) => {
