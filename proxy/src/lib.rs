@@ -15,5 +15,6 @@ pub mod passthrough;
 pub mod respond;
 pub mod router;
 pub mod server;
+pub mod store;
 pub mod target;
 pub mod upstream;
