@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)   # Pingora's zlib-ng build
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)   # test databases are made with psql
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -20,6 +21,11 @@ fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
+
+# Postgres and Redis run on this machine kind; the store and tenancy tests use them for real
+# (a Postgres test fails rather than skips when the variable is set and nothing answers).
+export SLUICE_TEST_DATABASE_URL=${SLUICE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+export SLUICE_TEST_REDIS_URL=${SLUICE_TEST_REDIS_URL:-redis://127.0.0.1:6379}
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

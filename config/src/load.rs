@@ -218,6 +218,20 @@ struct RawRouting {
     model_group_alias: Option<Map<String, Value>>,
     #[serde(default, deserialize_with = "lenient::opt_bool")]
     drop_params: Option<bool>,
+    #[serde(default, deserialize_with = "lenient::opt_f64")]
+    max_budget: Option<f64>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    budget_duration: Option<String>,
+    #[serde(default)]
+    default_key_generate_params: Option<Map<String, Value>>,
+    #[serde(default)]
+    upperbound_key_generate_params: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    redis_host: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_u64")]
+    redis_port: Option<u64>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    redis_password: Option<String>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -248,6 +262,20 @@ struct RawGeneral {
     global_max_parallel_requests: Option<u64>,
     #[serde(default, deserialize_with = "lenient::opt_string")]
     database_url: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_u64")]
+    database_connection_pool_limit: Option<u64>,
+    #[serde(default, deserialize_with = "lenient::opt_f64")]
+    database_connection_timeout: Option<f64>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    disable_spend_logs: Option<bool>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    disable_spend_updates: Option<bool>,
+    #[serde(default, deserialize_with = "lenient::opt_f64")]
+    proxy_batch_write_at: Option<f64>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    enable_jwt_auth: Option<bool>,
+    #[serde(default)]
+    litellm_jwtauth: Option<Map<String, Value>>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -398,6 +426,7 @@ pub fn parse_config(text: &str, source: &Path) -> Result<Config, ConfigError> {
     ] {
         loader.ignore_rest(section, &raw.rest);
     }
+    let tenancy_routing = tenancy_from_routing(&mut loader, &from_litellm, &from_router);
     let (router, model_group_alias) = build_router(&mut loader, from_litellm, from_router);
 
     let general_raw: RawGeneral = loader
@@ -406,6 +435,7 @@ pub fn parse_config(text: &str, source: &Path) -> Result<Config, ConfigError> {
             "general_settings",
         )
         .unwrap_or_default();
+    let tenancy = build_tenancy(&mut loader, &general_raw, tenancy_routing);
     let general = build_general(&mut loader, general_raw);
 
     let environment = std::env::var("LITELLM_ENVIRONMENT").ok();
@@ -438,8 +468,99 @@ pub fn parse_config(text: &str, source: &Path) -> Result<Config, ConfigError> {
         model_group_alias,
         router,
         general,
+        tenancy,
         ignored_keys,
     })
+}
+
+/// The tenancy keys of `litellm_settings` / `router_settings` (the latter wins), checked.
+fn tenancy_from_routing(
+    loader: &mut Loader,
+    litellm: &RawRouting,
+    router: &RawRouting,
+) -> TenancySettings {
+    let mut t = TenancySettings {
+        max_budget: router.max_budget.or(litellm.max_budget),
+        budget_duration: router
+            .budget_duration
+            .clone()
+            .or_else(|| litellm.budget_duration.clone()),
+        default_key_generate_params: litellm
+            .default_key_generate_params
+            .clone()
+            .unwrap_or_default(),
+        upperbound_key_generate_params: litellm
+            .upperbound_key_generate_params
+            .clone()
+            .unwrap_or_default(),
+        ..TenancySettings::default()
+    };
+    if let Some(d) = &t.budget_duration {
+        if !is_duration(d) {
+            loader.problem(
+                "litellm_settings.budget_duration",
+                format!("a duration like 30s, 30m, 30h, 30d or 1mo; got \"{d}\""),
+            );
+        }
+    }
+    if t.max_budget.is_some_and(|b| b < 0.0) {
+        loader.problem("litellm_settings.max_budget", "a budget of 0 or more (USD)");
+    }
+    let host = router
+        .redis_host
+        .clone()
+        .or_else(|| litellm.redis_host.clone())
+        .or_else(|| std::env::var("REDIS_HOST").ok())
+        .filter(|h| !h.is_empty());
+    if let Some(host) = host {
+        let port = router
+            .redis_port
+            .or(litellm.redis_port)
+            .or_else(|| env_number("REDIS_PORT").map(|p| p as u64))
+            .unwrap_or(6379);
+        if port == 0 || port > u16::MAX as u64 {
+            loader.problem("router_settings.redis_port", "a TCP port (1-65535)");
+        }
+        t.redis = Some(RedisSettings {
+            host,
+            port: port as u16,
+            password: router
+                .redis_password
+                .clone()
+                .or_else(|| litellm.redis_password.clone())
+                .or_else(|| std::env::var("REDIS_PASSWORD").ok())
+                .filter(|p| !p.is_empty()),
+        });
+    }
+    t
+}
+
+fn build_tenancy(loader: &mut Loader, g: &RawGeneral, mut t: TenancySettings) -> TenancySettings {
+    t.database_url = g
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .filter(|u| !u.is_empty());
+    if let Some(n) = g.database_connection_pool_limit {
+        if n == 0 {
+            loader.problem(
+                "general_settings.database_connection_pool_limit",
+                "a pool size of at least 1",
+            );
+        }
+        t.pool_limit = n.max(1) as u32;
+    }
+    if let Some(s) = secs(g.database_connection_timeout) {
+        t.connect_timeout = s;
+    }
+    t.disable_spend_logs = g.disable_spend_logs.unwrap_or(false);
+    t.disable_spend_updates = g.disable_spend_updates.unwrap_or(false);
+    if let Some(s) = secs(g.proxy_batch_write_at) {
+        t.batch_write_interval = s.max(std::time::Duration::from_millis(10));
+    }
+    t.enable_jwt_auth = g.enable_jwt_auth.unwrap_or(false);
+    t.jwt = g.litellm_jwtauth.clone().unwrap_or_default();
+    t
 }
 
 fn read_credentials(loader: &mut Loader, list: Vec<Value>) -> BTreeMap<String, Map<String, Value>> {
@@ -703,16 +824,6 @@ fn build_general(loader: &mut Loader, g: RawGeneral) -> GeneralSettings {
             auth: p.auth.unwrap_or(false),
             include_subpath: p.include_subpath.unwrap_or(false),
         });
-    }
-    if g.allowed_routes.is_some() {
-        // Route allow-lists apply to JWT and role callers, which arrive with tenancy.
-        loader
-            .ignored
-            .push("general_settings.allowed_routes".into());
-    }
-    if g.database_url.is_some() {
-        // Parsed so `DATABASE_URL` fallbacks line up, but no store is wired to it yet.
-        loader.ignored.push("general_settings.database_url".into());
     }
     let mb = |v: Option<f64>| v.map(|mb| (mb * 1024.0 * 1024.0) as usize);
     GeneralSettings {

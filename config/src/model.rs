@@ -21,6 +21,7 @@ pub struct Config {
     pub model_group_alias: BTreeMap<String, GroupAlias>,
     pub router: RouterSettings,
     pub general: GeneralSettings,
+    pub tenancy: TenancySettings,
     /// Keys that were accepted but that Sluice does not act on (yet), as full key paths.
     pub ignored_keys: Vec<String>,
 }
@@ -251,4 +252,73 @@ pub struct GeneralSettings {
     pub health_check_interval: Duration,
     pub global_max_parallel_requests: Option<u64>,
     pub database_url: Option<String>,
+}
+
+/// Virtual keys, budgets, spend and shared counters (from `general_settings`, `litellm_settings`
+/// and `router_settings`).
+#[derive(Debug, Clone)]
+pub struct TenancySettings {
+    /// `general_settings.database_url` or `DATABASE_URL`; none means the embedded SQLite file.
+    pub database_url: Option<String>,
+    pub pool_limit: u32,
+    pub connect_timeout: Duration,
+    pub disable_spend_logs: bool,
+    pub disable_spend_updates: bool,
+    /// `proxy_batch_write_at`: how often the spend writer flushes.
+    pub batch_write_interval: Duration,
+    /// `litellm_settings.max_budget` / `budget_duration`: the proxy-wide budget.
+    pub max_budget: Option<f64>,
+    pub budget_duration: Option<String>,
+    /// `router_settings.redis_host` / `redis_port` / `redis_password`, else `REDIS_*`.
+    pub redis: Option<RedisSettings>,
+    pub enable_jwt_auth: bool,
+    /// `general_settings.litellm_jwtauth`, read by the JWT authenticator.
+    pub jwt: Map<String, Value>,
+    pub default_key_generate_params: Map<String, Value>,
+    pub upperbound_key_generate_params: Map<String, Value>,
+}
+
+impl Default for TenancySettings {
+    fn default() -> Self {
+        TenancySettings {
+            database_url: None,
+            pool_limit: 10,
+            connect_timeout: Duration::from_secs(60),
+            disable_spend_logs: false,
+            disable_spend_updates: false,
+            batch_write_interval: Duration::from_secs(10),
+            max_budget: None,
+            budget_duration: None,
+            redis: None,
+            enable_jwt_auth: false,
+            jwt: Map::new(),
+            default_key_generate_params: Map::new(),
+            upperbound_key_generate_params: Map::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisSettings {
+    pub host: String,
+    pub port: u16,
+    pub password: Option<String>,
+}
+
+impl RedisSettings {
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@{}:{}/", self.host, self.port),
+            None => format!("redis://{}:{}/", self.host, self.port),
+        }
+    }
+}
+
+/// Whether `s` is a LiteLLM duration: a positive integer and one of `s`, `m`, `h`, `d`, `mo`.
+pub fn is_duration(s: &str) -> bool {
+    let s = s.trim();
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    digits > 0
+        && s[..digits].parse::<u64>().is_ok_and(|n| n > 0)
+        && matches!(&s[digits..], "s" | "m" | "h" | "d" | "mo")
 }

@@ -48,6 +48,9 @@ pub struct Principal {
     pub models: Option<Vec<String>>,
     /// Hash of the key for logs and spend (never the key itself).
     pub key_hash: Option<String>,
+    /// The key's (or JWT's) user and team.
+    pub user_id: Option<String>,
+    pub team_id: Option<String>,
 }
 
 impl Principal {
@@ -56,6 +59,8 @@ impl Principal {
             admin: true,
             models: None,
             key_hash: None,
+            user_id: None,
+            team_id: None,
         }
     }
 
@@ -108,6 +113,8 @@ impl Authenticator for MasterKeyAuth {
                 admin: true,
                 models: None,
                 key_hash: Some(crate::hash_key(k)),
+                user_id: None,
+                team_id: None,
             }),
             Some(_) => Err(ApiError::unauthorized(
                 "Authentication Error, Invalid proxy server token passed. Received API Key = sk-...(redacted). Unable to find token in cache or `LiteLLM_VerificationTokenTable`",

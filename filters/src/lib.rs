@@ -13,6 +13,7 @@ pub mod period;
 pub mod provider;
 pub mod route;
 pub mod sse;
+pub mod tenancy;
 pub mod usage;
 
 pub use error::ApiError;

@@ -29,8 +29,25 @@ pub enum Route {
         provider: &'static str,
         rest: String,
     },
+    /// Management API (`/key/*`, `/user/*`, `/team/*`, `/customer/*`, `/budget/*`, spend):
+    /// `path` without the query string.
+    Management {
+        path: String,
+    },
     NotFound,
 }
+
+/// First path segments of the management API.
+const MANAGEMENT_PREFIXES: &[&str] = &[
+    "/key/",
+    "/user/",
+    "/team/",
+    "/customer/",
+    "/end_user/",
+    "/budget/",
+    "/spend/",
+    "/global/",
+];
 
 /// Providers with a pass-through route `/{provider}/*`.
 pub const PASSTHROUGH_PROVIDERS: &[&str] = &[
@@ -111,6 +128,11 @@ pub fn classify(method: &str, path_and_query: &str) -> Route {
             "/metrics" => return Route::Metrics,
             _ => {}
         }
+    }
+    if MANAGEMENT_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        return Route::Management {
+            path: path.to_string(),
+        };
     }
     for provider in PASSTHROUGH_PROVIDERS {
         if let Some(rest) = path_and_query

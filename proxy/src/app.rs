@@ -40,10 +40,33 @@ pub struct App {
     pub google_tokens: crate::google_auth::GoogleTokens,
     /// The latest background health round, when `background_health_checks` is on.
     pub health_cache: parking_lot::Mutex<Option<crate::info::HealthResults>>,
+    /// Virtual keys, budgets, limits and spend; on whenever a master key is set.
+    pub tenancy: Option<Arc<crate::tenancy::Tenancy>>,
+    /// JWT authentication (`general_settings.enable_jwt_auth`).
+    pub jwt: Option<crate::jwt_auth::JwtAuth>,
 }
 
 impl App {
-    pub fn new(config: Config) -> App {
+    /// Builds the gateway state; fails on JWT settings that cannot work.
+    pub fn new(
+        config: Config,
+        tenancy: Option<Arc<crate::tenancy::Tenancy>>,
+        metrics: Metrics,
+    ) -> anyhow::Result<App> {
+        let jwt = if config.tenancy.enable_jwt_auth {
+            let (settings, unknown) = sluice_filters::jwt::JwtSettings::from_map(
+                &config.tenancy.jwt,
+            )
+            .map_err(|(path, expected)| {
+                anyhow::anyhow!("{}: {path}: expected {expected}", config.source.display())
+            })?;
+            if !unknown.is_empty() {
+                tracing::warn!(keys = %unknown.join(", "), "litellm_jwtauth keys Sluice does not act on (ignored)");
+            }
+            Some(crate::jwt_auth::JwtAuth::new(settings).map_err(anyhow::Error::msg)?)
+        } else {
+            None
+        };
         let auth: Box<dyn Authenticator> =
             Box::new(MasterKeyAuth::new(config.general.master_key.clone()));
         let router = Router::new(&config);
@@ -59,12 +82,14 @@ impl App {
                     .map(|d| (*p, d))
             })
             .collect();
-        App {
+        Ok(App {
+            jwt,
             passthrough,
             router,
             auth,
             upstream: Upstream::default(),
-            metrics: Metrics::new(),
+            metrics,
+            tenancy,
             started: Instant::now(),
             max_request_bytes: config
                 .general
@@ -80,7 +105,7 @@ impl App {
             active: Arc::new(AtomicU64::new(0)),
             draining: AtomicBool::new(false),
             config,
-        }
+        })
     }
 }
 

@@ -29,7 +29,39 @@ pub struct Ctx {
     pub upstream_wait: Duration,
     /// For Anthropic-format ingress (`/v1/messages`): the client's own request body.
     pub ingress: Option<Bytes>,
+    /// Wall-clock arrival, for the spend log.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// The caller's key hash once authenticated (master or virtual key).
+    pub key_hash: Option<String>,
+    /// The virtual key behind the request, when it used one.
+    pub tenant: Option<Arc<crate::tenancy::KeyContext>>,
+    /// Counted against the caller's limits until the logging phase settles it.
+    pub admission: Option<crate::tenancy::Admission>,
+    /// The OpenAI `user` field: the end user (customer) spend is charged to.
+    pub end_user: Option<String>,
+    /// What answered the call, with its usage and cost, once it succeeded.
+    pub served: Option<Served>,
+    /// An LLM call (inference or pass-through) that gets a spend-log row.
+    pub llm_call: bool,
+    /// Pass-through calls: the provider, and prices configured for the deployment used.
+    pub pass_provider: Option<(String, Prices)>,
     _active: crate::app::ActiveRequest,
+}
+
+/// Configured (input, output) USD prices per token.
+pub type Prices = (Option<f64>, Option<f64>);
+
+/// The deployment that answered a call, and what the call used and cost.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    pub model: String,
+    pub model_id: String,
+    pub model_group: String,
+    pub provider: String,
+    pub api_base: String,
+    pub usage: sluice_filters::usage::Usage,
+    pub cost: f64,
+    pub ttft: Option<Duration>,
 }
 
 impl Ctx {
@@ -50,7 +82,12 @@ impl Gateway {
         Gateway { app }
     }
 
-    fn authenticate(&self, session: &Session) -> Result<Principal, ApiError> {
+    async fn authenticate(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        path: &str,
+    ) -> Result<Principal, ApiError> {
         let header = |name: &str| {
             session
                 .req_header()
@@ -62,7 +99,88 @@ impl Gateway {
             header,
             self.app.config.general.litellm_key_header_name.as_deref(),
         );
-        self.app.auth.authenticate(key)
+        self.authenticate_key(key, ctx, path).await
+    }
+
+    /// The master key first; then, with tenancy on, a JWT or a virtual key.
+    async fn authenticate_key(
+        &self,
+        key: Option<&str>,
+        ctx: &mut Ctx,
+        path: &str,
+    ) -> Result<Principal, ApiError> {
+        let master = self.app.auth.authenticate(key);
+        let (Some(t), Err(refused), Some(key)) = (&self.app.tenancy, &master, key) else {
+            if let Ok(p) = &master {
+                ctx.key_hash = p.key_hash.clone();
+            }
+            return master;
+        };
+        if let Some(jwt) = &self.app.jwt {
+            if sluice_filters::jwt::looks_like_jwt(key) {
+                let id = jwt.verify(&self.app.upstream, key).await?;
+                let general_routes = self.app.config.general.allowed_routes.as_deref();
+                if !id.admin {
+                    if let Some(routes) = general_routes {
+                        if !route_allowed(routes, path) {
+                            return Err(route_refused(path));
+                        }
+                    }
+                }
+                let k = t
+                    .identity(id.user_id.as_deref(), id.team_id.as_deref())
+                    .await?;
+                if let Some(team) = &k.team {
+                    if team.blocked {
+                        return Err(ApiError::new(
+                            403,
+                            "auth_error",
+                            format!("Authentication Error - Team={} is blocked.", team.team_id),
+                        ));
+                    }
+                }
+                let models = k
+                    .team
+                    .as_ref()
+                    .and_then(|t| crate::admin::expand_models(&self.app, &t.models));
+                ctx.tenant = Some(k);
+                if ctx.end_user.is_none() {
+                    ctx.end_user = id.end_user_id.clone();
+                }
+                return Ok(Principal {
+                    admin: id.admin,
+                    models,
+                    key_hash: None,
+                    user_id: id.user_id,
+                    team_id: id.team_id,
+                });
+            }
+        }
+        let token = sluice_filters::hash_key(key);
+        let Some(k) = t.key(&token).await? else {
+            return Err(refused.clone());
+        };
+        t.check_key(&k)?;
+        if !k.key.allowed_routes.is_empty() && !route_allowed(&k.key.allowed_routes, path) {
+            return Err(route_refused(path));
+        }
+        let own = if !k.key.models.is_empty() {
+            &k.key.models
+        } else if let Some(team) = k.team.as_ref().filter(|t| !t.models.is_empty()) {
+            &team.models
+        } else {
+            &k.key.models
+        };
+        let principal = Principal {
+            admin: k.is_admin(),
+            models: crate::admin::expand_models(&self.app, own),
+            key_hash: Some(token.clone()),
+            user_id: k.key.user_id.clone(),
+            team_id: k.key.team_id.clone(),
+        };
+        ctx.key_hash = Some(token);
+        ctx.tenant = Some(k);
+        Ok(principal)
     }
 
     async fn dispatch(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), ApiError> {
@@ -107,7 +225,8 @@ impl Gateway {
                 if let Some((index, sub)) = crate::passthrough::match_custom(app, &path) {
                     ctx.route = "pass_through";
                     if app.config.general.pass_through_endpoints[index].auth {
-                        self.authenticate(session)?;
+                        self.authenticate(session, ctx, &path).await?;
+                        ctx.llm_call = true;
                     }
                     return crate::passthrough::custom(app, session, ctx, index, sub).await;
                 }
@@ -119,28 +238,28 @@ impl Gateway {
             }
             Route::Models => {
                 ctx.route = "/models";
-                let p = self.authenticate(session)?;
+                let p = self.authenticate(session, ctx, &path).await?;
                 let body = crate::info::models(app, &p);
                 self.reply(session, ctx, 200, body).await;
                 Ok(())
             }
             Route::ModelInfo => {
                 ctx.route = "/model/info";
-                let p = self.authenticate(session)?;
+                let p = self.authenticate(session, ctx, &path).await?;
                 let body = crate::info::model_info(app, &p);
                 self.reply(session, ctx, 200, body).await;
                 Ok(())
             }
             Route::ModelGroupInfo => {
                 ctx.route = "/model_group/info";
-                let p = self.authenticate(session)?;
+                let p = self.authenticate(session, ctx, &path).await?;
                 let body = crate::info::model_group_info(app, &p);
                 self.reply(session, ctx, 200, body).await;
                 Ok(())
             }
             Route::Health => {
                 ctx.route = "/health";
-                self.authenticate(session)?;
+                self.authenticate(session, ctx, &path).await?;
                 let filter = query_param(&path, "model");
                 let body = crate::info::health(app, filter.as_deref()).await;
                 self.reply(session, ctx, 200, body).await;
@@ -148,38 +267,47 @@ impl Gateway {
             }
             Route::Inference { op, path_model } => {
                 ctx.route = op.openai_path();
-                let principal = self.authenticate(session)?;
+                let principal = self.authenticate(session, ctx, &path).await?;
+                ctx.llm_call = true;
                 crate::inference::handle(app, session, ctx, &principal, op, path_model).await
             }
             Route::AnthropicMessages => {
                 ctx.route = "/v1/messages";
                 // Errors from here on are answered in Anthropic's shape.
                 ctx.ingress = Some(Bytes::new());
-                let principal = self.authenticate(session)?;
+                let principal = self.authenticate(session, ctx, &path).await?;
+                ctx.llm_call = true;
                 crate::inference::handle_anthropic_messages(app, session, ctx, &principal).await
             }
             Route::AnthropicCountTokens => {
                 ctx.route = "/v1/messages/count_tokens";
                 ctx.ingress = Some(Bytes::new());
-                self.authenticate(session)?;
+                self.authenticate(session, ctx, &path).await?;
                 crate::inference::handle_anthropic_count_tokens(app, session, ctx).await
             }
             Route::ProviderPassthrough { provider, rest } => {
                 ctx.route = "pass_through";
                 // Gemini clients may send the gateway key as `?key=`, as Google's SDKs do.
-                let principal = match self.authenticate(session) {
+                let principal = match self.authenticate(session, ctx, &path).await {
                     Err(e) if provider == "gemini" => match query_param(&path, "key") {
-                        Some(key) => self.app.auth.authenticate(Some(&key)),
+                        Some(key) => self.authenticate_key(Some(&key), ctx, &path).await,
                         None => Err(e),
                     },
                     other => other,
                 };
                 principal?;
+                ctx.llm_call = true;
                 crate::passthrough::provider(app, session, ctx, provider, &method, &rest).await
+            }
+            Route::Management { path: mpath } => {
+                ctx.route = "management";
+                let principal = self.authenticate(session, ctx, &path).await?;
+                crate::admin::handle(app, session, ctx, &principal, &method, &mpath, &path).await
             }
             Route::VllmPassthrough { rest } => {
                 ctx.route = "/vllm";
-                self.authenticate(session)?;
+                self.authenticate(session, ctx, &path).await?;
+                ctx.llm_call = true;
                 crate::passthrough::vllm(app, session, ctx, &method, &rest).await
             }
         }
@@ -303,6 +431,14 @@ impl ProxyHttp for Gateway {
             status: 0,
             upstream_wait: Duration::ZERO,
             ingress: None,
+            started_at: chrono::Utc::now(),
+            key_hash: None,
+            tenant: None,
+            admission: None,
+            end_user: None,
+            served: None,
+            llm_call: false,
+            pass_provider: None,
             _active: crate::app::ActiveRequest::new(&self.app.active),
         }
     }
@@ -330,8 +466,37 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let (total_ms, overhead_ms) = ctx.durations_ms();
-        let model = ctx.requested_model.as_deref().unwrap_or("");
         let status = if ctx.status == 0 { 499 } else { ctx.status };
+        if let Some(t) = &self.app.tenancy {
+            let row = ctx.llm_call.then(|| spend_row(ctx, status));
+            if let Some(r) = &row {
+                if r.spend > 0.0 {
+                    let alias = ctx
+                        .tenant
+                        .as_ref()
+                        .and_then(|k| k.key.key_alias.clone())
+                        .unwrap_or_default();
+                    self.app
+                        .metrics
+                        .spend
+                        .with_label_values(&[
+                            r.end_user.as_deref().unwrap_or(""),
+                            &r.api_key,
+                            &alias,
+                            &r.model_group,
+                            r.team_id.as_deref().unwrap_or(""),
+                            r.user.as_deref().unwrap_or(""),
+                        ])
+                        .inc_by(r.spend);
+                }
+            }
+            t.finish(ctx.admission.take(), row).await;
+            self.app
+                .metrics
+                .spend_queue_size
+                .set(t.writer.queued.load(std::sync::atomic::Ordering::Relaxed));
+        }
+        let model = ctx.requested_model.as_deref().unwrap_or("");
         let m = &self.app.metrics;
         let status_s = status.to_string();
         m.proxy_total_requests
@@ -372,4 +537,85 @@ impl ProxyHttp for Gateway {
             "request"
         );
     }
+}
+
+/// The spend-log row of a finished LLM call.
+fn spend_row(ctx: &Ctx, status: u16) -> sluice_filters::tenancy::SpendRow {
+    let served = ctx.served.clone().unwrap_or_default();
+    let u = served.usage;
+    let key = ctx.tenant.as_ref().map(|k| &k.key);
+    sluice_filters::tenancy::SpendRow {
+        request_id: ctx.call_id.clone(),
+        call_type: ctx.route.to_string(),
+        api_key: ctx.key_hash.clone().unwrap_or_default(),
+        spend: served.cost,
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.total_tokens.max(u.prompt_tokens + u.completion_tokens),
+        start_time: ctx.started_at,
+        end_time: chrono::Utc::now(),
+        completion_start_time: served
+            .ttft
+            .and_then(|t| chrono::Duration::from_std(t).ok())
+            .map(|t| ctx.started_at + t),
+        model: served.model,
+        model_id: served.model_id,
+        model_group: if served.model_group.is_empty() {
+            ctx.requested_model.clone().unwrap_or_default()
+        } else {
+            served.model_group
+        },
+        custom_llm_provider: served.provider,
+        api_base: served.api_base,
+        user: key.and_then(|k| k.user_id.clone()),
+        team_id: key.and_then(|k| k.team_id.clone()),
+        end_user: ctx.end_user.clone(),
+        status: if status < 400 { "success" } else { "failure" }.into(),
+        status_code: status,
+        request_tags: vec![],
+    }
+}
+
+/// Whether `path` is covered by an `allowed_routes` list (exact routes, with or without `/v1`,
+/// or LiteLLM's route groups).
+fn route_allowed(routes: &[String], path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or(path);
+    let bare = path.strip_prefix("/v1").unwrap_or(path);
+    routes.iter().any(|r| {
+        let r_bare = r.strip_prefix("/v1").unwrap_or(r);
+        match r.as_str() {
+            "llm_api_routes" | "openai_routes" => {
+                matches!(
+                    bare,
+                    "/chat/completions" | "/completions" | "/embeddings" | "/messages" | "/models"
+                ) || bare.starts_with("/openai/deployments/")
+            }
+            "info_routes" => {
+                bare.starts_with("/key/info")
+                    || bare.starts_with("/user/info")
+                    || bare.starts_with("/team/info")
+                    || bare.starts_with("/model/info")
+                    || bare == "/models"
+            }
+            "management_routes" => ["/key/", "/user/", "/team/", "/customer/", "/budget/"]
+                .iter()
+                .any(|p| bare.starts_with(p)),
+            "pass_through_routes" => bare.starts_with("/vllm/") || bare.starts_with("/openai/"),
+            _ => {
+                r_bare == bare
+                    || (r_bare.ends_with('*') && bare.starts_with(r_bare.trim_end_matches('*')))
+            }
+        }
+    })
+}
+
+fn route_refused(path: &str) -> ApiError {
+    ApiError::new(
+        403,
+        "auth_error",
+        format!(
+            "Authentication Error - key not allowed to access this route. Route={}",
+            path.split('?').next().unwrap_or(path)
+        ),
+    )
 }

@@ -448,6 +448,28 @@ async fn serve(
             .with_retry_after(1));
         }
     }
+    if let Some(t) = &app.tenancy {
+        // Budgets and limits are checked (and the call counted) before any upstream call.
+        let end_user = body
+            .str_field("user")?
+            .map(|u| u.into_owned())
+            .or_else(|| ctx.end_user.clone());
+        let group_name = app.router.dealias(&model).to_string();
+        let allowed = |models: &[String]| {
+            crate::admin::expand_models(app, models)
+                .is_none_or(|m| m.iter().any(|x| *x == group_name || *x == model))
+        };
+        ctx.admission = Some(
+            t.admit(
+                ctx.tenant.as_ref(),
+                &group_name,
+                allowed,
+                end_user.as_deref(),
+            )
+            .await?,
+        );
+        ctx.end_user = end_user;
+    }
     app.in_flight.fetch_add(1, Ordering::Relaxed);
     let _global = GlobalInFlight(app);
     session.set_abort_on_close(true);
@@ -1003,6 +1025,14 @@ fn client_header(
 ) -> ResponseHeader {
     let (total_ms, overhead_ms) = ctx.durations_ms();
     let mut h = respond::header(upstream.status.as_u16(), &ctx.call_id, extra);
+    if let Some(a) = &ctx.admission {
+        for (k, v) in &a.headers {
+            let _ = h.insert_header(*k, v.as_str());
+        }
+    }
+    if let Some(s) = &ctx.served {
+        let _ = h.insert_header("x-litellm-response-cost", s.cost.to_string());
+    }
     let _ = h.insert_header("x-litellm-response-duration-ms", format!("{total_ms:.3}"));
     let _ = h.insert_header(
         "x-litellm-overhead-duration-ms",
@@ -1119,6 +1149,7 @@ async fn whole_response(
         usage,
         &picked.deployment.config.model_name,
     );
+    ctx.served = Some(served(picked, usage, None));
     let content_type =
         (!plan.provider.is_openai_native() || ctx.ingress.is_some()).then_some("application/json");
     let h = client_header(ctx, &upstream_header, &extra, content_type);
@@ -1198,6 +1229,7 @@ async fn stream_response(
                     decoder.usage(),
                     &picked.deployment.config.model_name,
                 );
+                ctx.served = Some(served(picked, decoder.usage(), ttft));
                 return Ok(Outcome::Served);
             }
             Err(e) => {
@@ -1229,6 +1261,22 @@ async fn stream_response(
                 return Ok(Outcome::Served);
             }
         }
+    }
+}
+
+/// What answered a call and what it cost, for the spend log and the cost header.
+fn served(picked: &Picked, usage: Option<Usage>, ttft: Option<Duration>) -> crate::gateway::Served {
+    let c = &picked.deployment.config;
+    let usage = usage.unwrap_or_default();
+    crate::gateway::Served {
+        model: c.upstream_model.clone(),
+        model_id: c.id.clone(),
+        model_group: c.model_name.clone(),
+        provider: c.provider.name().to_string(),
+        api_base: c.api_base.clone().unwrap_or_default(),
+        cost: crate::tenancy::call_cost(c, usage.prompt_tokens, usage.completion_tokens),
+        usage,
+        ttft,
     }
 }
 

@@ -4,12 +4,14 @@
 //! ([`upstream`]) so that it can retry, fall back and capture usage before the client sees a
 //! byte. Translation and policy live in `sluice-filters`; this crate is the glue.
 
+pub mod admin;
 pub mod app;
 pub mod gateway;
 pub mod google_auth;
 pub mod import;
 pub mod inference;
 pub mod info;
+pub mod jwt_auth;
 pub mod metrics;
 pub mod passthrough;
 pub mod respond;
@@ -17,4 +19,5 @@ pub mod router;
 pub mod server;
 pub mod store;
 pub mod target;
+pub mod tenancy;
 pub mod upstream;

@@ -163,7 +163,46 @@ fn main() {
         "config loaded from {}",
         config.source.display()
     );
-    let app = Arc::new(App::new(config));
+    let metrics = sluice_proxy::metrics::Metrics::new();
+    // Tenancy's background work (spend writer, change polling, Redis) runs on its own small
+    // runtime so it outlives no request and survives Pingora's per-service runtimes.
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sluice-background")
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let tenancy = if config.general.master_key.is_some() {
+        let t = &config.tenancy;
+        let started = background.block_on(async {
+            let store = sluice_proxy::store::open(
+                t.database_url.as_deref(),
+                t.pool_limit,
+                t.connect_timeout,
+            )
+            .await?;
+            sluice_proxy::tenancy::Tenancy::start(store, t.clone(), &metrics).await
+        });
+        match started {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!("cannot start the key store: {e:#}");
+                eprintln!("sluice: cannot start the key store: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        None
+    };
+    let app = match App::new(config, tenancy, metrics) {
+        Ok(app) => Arc::new(app),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("sluice: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let flush_app = app.clone();
     let workers = cli
         .num_workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -179,4 +218,15 @@ fn main() {
         eprintln!("sluice: {e}");
         std::process::exit(1);
     }
+    // Requests answered after the drain's flush (keep-alive clients) have queued rows too:
+    // with the server stopped, write whatever is left before the process exits.
+    if let Some(t) = &flush_app.tenancy {
+        let left = background.block_on(t.writer.flush(std::time::Duration::from_secs(30)));
+        if left > 0 {
+            tracing::error!(rows = left, "spend rows not written before exit");
+        } else {
+            tracing::info!("spend log flushed at exit");
+        }
+    }
+    drop(background);
 }

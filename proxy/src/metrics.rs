@@ -33,6 +33,10 @@ pub struct Metrics {
     pub llm_api_latency: HistogramVec,
     pub time_to_first_token: HistogramVec,
     pub latency_per_output_token: HistogramVec,
+    pub spend: prometheus::CounterVec,
+    pub redis_fails: prometheus::IntCounter,
+    pub spend_rows_dropped: prometheus::IntCounter,
+    pub spend_queue_size: prometheus::IntGauge,
 }
 
 const DEPLOYMENT_LABELS: &[&str] = &["litellm_model_name", "model_id", "api_base", "api_provider"];
@@ -198,6 +202,55 @@ impl Metrics {
                 "Seconds per output token",
                 DEPLOYMENT_LABELS,
             ),
+            spend: {
+                let c = prometheus::CounterVec::new(
+                    Opts::new("litellm_spend_metric_total", "Spend in USD"),
+                    &[
+                        "end_user",
+                        "hashed_api_key",
+                        "api_key_alias",
+                        "model",
+                        "team",
+                        "user",
+                    ],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            redis_fails: {
+                let c =
+                    prometheus::IntCounter::new("litellm_redis_fails_total", "Failed Redis calls")
+                        .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            spend_rows_dropped: {
+                let c = prometheus::IntCounter::new(
+                    "sluice_spend_rows_dropped_total",
+                    "Spend rows dropped because the buffer was full while the database was away",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            spend_queue_size: {
+                let g = prometheus::IntGauge::new(
+                    "litellm_in_memory_spend_update_queue_size",
+                    "Spend rows waiting for the batch writer",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             registry,
         }
     }

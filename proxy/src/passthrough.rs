@@ -134,6 +134,10 @@ pub async fn vllm(
                     d.provider
                 )));
             }
+            ctx.pass_provider = Some((
+                d.provider.name().to_string(),
+                (d.input_cost_per_token, d.output_cost_per_token),
+            ));
             let t = p
                 .deployment
                 .target
@@ -286,6 +290,10 @@ pub async fn provider(
     }
     ctx.requested_model
         .get_or_insert_with(|| provider.to_string());
+    ctx.pass_provider = Some((
+        provider.to_string(),
+        (c.input_cost_per_token, c.output_cost_per_token),
+    ));
     forward(app, session, ctx, &target, method, &path, &headers, body).await
 }
 
@@ -307,7 +315,28 @@ fn without_query_param(rest: &str, name: &str) -> String {
 
 /// Usage seen on a pass-through response, counted like any call's (LiteLLM counts none on
 /// `/vllm/*`; Sluice does).
-fn record_usage(app: &App, ctx: &Ctx, u: Usage) {
+fn record_usage(app: &App, ctx: &mut Ctx, u: Usage) {
+    let model = ctx.requested_model.as_deref().unwrap_or(ctx.route);
+    // Recorded for the spend log like any call: priced as configured or from the table.
+    let (provider, prices) = ctx
+        .pass_provider
+        .clone()
+        .unwrap_or_else(|| ("hosted_vllm".into(), (None, None)));
+    ctx.served = Some(crate::gateway::Served {
+        model: model.to_string(),
+        model_group: model.to_string(),
+        cost: crate::tenancy::cost_for(
+            &provider,
+            model,
+            None,
+            prices,
+            u.prompt_tokens,
+            u.completion_tokens,
+        ),
+        provider,
+        usage: u,
+        ..Default::default()
+    });
     let model = ctx.requested_model.as_deref().unwrap_or(ctx.route);
     let m = &app.metrics;
     m.input_tokens

@@ -61,6 +61,18 @@ impl ShutdownSignalWatch for DrainOnTerm {
             waited_ms = started.elapsed().as_millis() as u64,
             "drained; stopping"
         );
+        if let Some(t) = &self.app.tenancy {
+            // Every spend row of the drained requests reaches the store before exit.
+            let left = t
+                .writer
+                .flush(self.limit.max(Duration::from_secs(10)))
+                .await;
+            if left > 0 {
+                tracing::error!(rows = left, "spend rows not written before shutdown");
+            } else {
+                tracing::info!("spend log flushed");
+            }
+        }
         ShutdownSignal::GracefulTerminate
     }
 }

@@ -24,7 +24,7 @@ use sluice_filters::tenancy::{
     total_increments, Entity, Kind, SpendQuery, SpendRow, Store, StoreError,
 };
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyPool, Executor, Row, Transaction};
+use sqlx::{Any, AnyPool, ConnectOptions as _, Executor, Row, Transaction};
 
 use super::distinct_changes;
 
@@ -116,7 +116,14 @@ impl SqlStore {
             }
             Target::Postgres(_) => {}
         }
-        let pool = tokio::time::timeout(connect_timeout, options.connect(target.url()))
+        // Statements are logged at debug only: a slow batch insert would otherwise put the
+        // whole statement into the logs at WARN.
+        let connect_options = target
+            .url()
+            .parse::<sqlx::any::AnyConnectOptions>()?
+            .log_statements(log::LevelFilter::Debug)
+            .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
+        let pool = tokio::time::timeout(connect_timeout, options.connect_with(connect_options))
             .await
             .map_err(|_| anyhow!("no connection within {connect_timeout:?}"))??;
         let store = SqlStore {

@@ -1,0 +1,753 @@
+//! Tenancy on the request path: virtual keys (cached after their first lookup, invalidated
+//! through the store's change log within a second on every instance), model access, budgets and
+//! rate limits checked before any upstream call, and spend settled in memory at once and
+//! written to the store by the batching [`writer::SpendWriter`].
+
+pub mod counters;
+pub mod writer;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use parking_lot::{Mutex, RwLock};
+use serde_json::Value;
+use sluice_config::{Deployment, TenancySettings};
+use sluice_filters::period::Period;
+use sluice_filters::tenancy::{
+    BudgetRecord, CustomerRecord, Entity, KeyRecord, Kind, Limits, SpendRow, Store, StoreError,
+    TeamRecord, UserRecord, GLOBAL_ID,
+};
+use sluice_filters::ApiError;
+
+use counters::{Counters, Denial, LocalCounters, RedisCounters, Scope, Standing};
+use writer::SpendWriter;
+
+/// A virtual key with everything its checks need, as cached.
+#[derive(Debug)]
+pub struct KeyContext {
+    /// The key, its limits completed from its `budget_id` row.
+    pub key: KeyRecord,
+    pub user: Option<UserRecord>,
+    /// The team, its limits completed from its `budget_id` row.
+    pub team: Option<TeamRecord>,
+    /// Stored spend of this key per model group with a `model_max_budget`.
+    pub model_spend: HashMap<String, f64>,
+}
+
+impl KeyContext {
+    pub fn is_admin(&self) -> bool {
+        self.user.as_ref().is_some_and(UserRecord::is_admin)
+    }
+
+    /// How the key is named in messages: its alias, else its masked name.
+    pub fn label(&self) -> String {
+        self.key
+            .key_alias
+            .clone()
+            .or_else(|| self.key.key_name.clone())
+            .unwrap_or_else(|| format!("{}...", &self.key.token[..8.min(self.key.token.len())]))
+    }
+}
+
+/// Counted against its scopes until settled in the logging phase.
+pub struct Admission {
+    scopes: Vec<Scope>,
+    /// `x-ratelimit-*` and `x-litellm-key-spend` headers for the response.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Which level a scope stands for, for messages.
+fn scope_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Key | Kind::KeyModel => "key",
+        Kind::User => "user",
+        Kind::Team => "team",
+        Kind::Customer => "end_user",
+        Kind::Global => "proxy",
+        Kind::Budget | Kind::Model => "model",
+    }
+}
+
+/// The current budget period of `limits` at `now`: its end (epoch seconds; 0 without a
+/// duration) and, when the stored `budget_reset_at` has passed, the new reset time to store.
+/// Periods advance from the stored time, so every instance computes the same one.
+pub fn budget_period(limits: &Limits, now: DateTime<Utc>) -> (i64, Option<DateTime<Utc>>) {
+    let Some(period) = limits
+        .budget_duration
+        .as_deref()
+        .and_then(|d| Period::parse(d).ok())
+    else {
+        return (0, None);
+    };
+    let Some(mut at) = limits.budget_reset_at else {
+        return (0, None);
+    };
+    if now < at {
+        return (at.timestamp(), None);
+    }
+    while at <= now {
+        at = period.after(at);
+    }
+    (at.timestamp(), Some(at))
+}
+
+pub struct Tenancy {
+    pub store: Arc<dyn Store>,
+    pub settings: TenancySettings,
+    pub counters: Counters,
+    pub writer: SpendWriter,
+    keys: RwLock<HashMap<String, Arc<KeyContext>>>,
+    /// Keys recently looked up and not found, so a bad key cannot make every request a query.
+    missing: Mutex<HashMap<String, Instant>>,
+    customers: RwLock<HashMap<String, Option<Arc<CustomerRecord>>>>,
+    /// The proxy-wide budget's stored state.
+    global: RwLock<(f64, Limits)>,
+    change_seq: AtomicI64,
+    /// Budget resets already handed to the writer (kind, id, new period).
+    resets: Mutex<HashSet<(Kind, String, i64)>>,
+}
+
+const MISSING_TTL: Duration = Duration::from_secs(1);
+
+fn unavailable(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Unavailable(m) => ApiError::new(
+            503,
+            "service_unavailable",
+            format!("The key store is unavailable: {m}"),
+        ),
+        StoreError::Corrupt(m) => ApiError::new(500, "internal_server_error", m),
+    }
+}
+
+impl Tenancy {
+    pub async fn start(
+        store: Arc<dyn Store>,
+        settings: TenancySettings,
+        metrics: &crate::metrics::Metrics,
+    ) -> anyhow::Result<Arc<Tenancy>> {
+        let redis = match &settings.redis {
+            Some(r) => {
+                let counters = RedisCounters::new(&r.url(), metrics.redis_fails.clone())
+                    .map_err(anyhow::Error::msg)?;
+                counters.connect_in_background();
+                Some(counters)
+            }
+            None => None,
+        };
+        let writer = SpendWriter::start(
+            store.clone(),
+            settings.batch_write_interval,
+            metrics.spend_rows_dropped.clone(),
+        );
+        // Changes made before this start are already in what the store returns.
+        let (seq, _) = store.changes_since(0).await.unwrap_or((0, vec![]));
+        let t = Arc::new(Tenancy {
+            counters: Counters {
+                local: LocalCounters::default(),
+                redis,
+            },
+            writer,
+            keys: RwLock::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
+            customers: RwLock::new(HashMap::new()),
+            global: RwLock::new((0.0, Limits::default())),
+            change_seq: AtomicI64::new(seq),
+            resets: Mutex::new(HashSet::new()),
+            store,
+            settings,
+        });
+        t.load_global().await?;
+        let weak = Arc::downgrade(&t);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let Some(t) = weak.upgrade() else { return };
+                t.poll_changes().await;
+            }
+        });
+        Ok(t)
+    }
+
+    /// The proxy-wide budget: its stored spend and, with a duration, its reset time (created
+    /// on first start so every instance shares one period).
+    async fn load_global(&self) -> anyhow::Result<()> {
+        let entity = self.store.get(Kind::Global, GLOBAL_ID).await?;
+        let spend = entity.as_ref().map_or(0.0, |e| e.spend);
+        let mut limits: Limits = entity
+            .as_ref()
+            .and_then(|e| serde_json::from_value(e.doc.clone()).ok())
+            .unwrap_or_default();
+        limits.max_budget = self.settings.max_budget;
+        if limits.budget_duration != self.settings.budget_duration
+            || limits.budget_reset_at.is_none()
+        {
+            limits.budget_duration = self.settings.budget_duration.clone();
+            limits.budget_reset_at = self
+                .settings
+                .budget_duration
+                .as_deref()
+                .and_then(|d| Period::parse(d).ok())
+                .map(|p| p.after(Utc::now()));
+            let doc = serde_json::to_value(&limits)?;
+            if entity.is_some() {
+                self.store.update(Kind::Global, GLOBAL_ID, &doc).await?;
+            } else {
+                self.store.insert(Kind::Global, GLOBAL_ID, &doc).await?;
+            }
+        }
+        *self.global.write() = (spend, limits);
+        Ok(())
+    }
+
+    /// Drops cached entities other instances (or this one) changed.
+    pub async fn poll_changes(&self) {
+        let since = self.change_seq.load(Ordering::Acquire);
+        let Ok((seq, changes)) = self.store.changes_since(since).await else {
+            return;
+        };
+        for (kind, id) in &changes {
+            self.invalidate(*kind, id);
+        }
+        self.change_seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub fn invalidate(&self, kind: Kind, id: &str) {
+        match kind {
+            Kind::Key => {
+                self.keys.write().remove(id);
+                self.missing.lock().remove(id);
+            }
+            // Users, teams and budgets are folded into key contexts: rebuild them all.
+            Kind::User | Kind::Team | Kind::Budget => self.keys.write().clear(),
+            Kind::Customer => {
+                self.customers.write().remove(id);
+            }
+            Kind::Global | Kind::KeyModel | Kind::Model => {}
+        }
+    }
+
+    /// The cached context of a key (by hash), loading it on first use.
+    pub async fn key(&self, token: &str) -> Result<Option<Arc<KeyContext>>, ApiError> {
+        if let Some(k) = self.keys.read().get(token) {
+            return Ok(Some(k.clone()));
+        }
+        if let Some(at) = self.missing.lock().get(token) {
+            if at.elapsed() < MISSING_TTL {
+                return Ok(None);
+            }
+        }
+        let Some(ctx) = self.load_key(token).await.map_err(unavailable)? else {
+            let mut missing = self.missing.lock();
+            if missing.len() > 10_000 {
+                missing.clear();
+            }
+            missing.insert(token.to_string(), Instant::now());
+            return Ok(None);
+        };
+        let ctx = Arc::new(ctx);
+        self.keys.write().insert(token.to_string(), ctx.clone());
+        Ok(Some(ctx))
+    }
+
+    /// The context of a JWT caller: its user's and team's limits and budgets apply, cached
+    /// like a key's.
+    pub async fn identity(
+        &self,
+        user_id: Option<&str>,
+        team_id: Option<&str>,
+    ) -> Result<Arc<KeyContext>, ApiError> {
+        let cache_key = format!("jwt:{}:{}", user_id.unwrap_or(""), team_id.unwrap_or(""));
+        if let Some(k) = self.keys.read().get(&cache_key) {
+            return Ok(k.clone());
+        }
+        let user: Option<UserRecord> = self
+            .record(Kind::User, user_id)
+            .await
+            .map_err(unavailable)?;
+        let mut team: Option<TeamRecord> = self
+            .record(Kind::Team, team_id)
+            .await
+            .map_err(unavailable)?;
+        if let Some(t) = team.as_mut() {
+            if let Some(b) = self
+                .budget_limits(t.budget_id.as_deref())
+                .await
+                .map_err(unavailable)?
+            {
+                t.limits.inherit(&b);
+            }
+        }
+        let ctx = Arc::new(KeyContext {
+            key: KeyRecord {
+                token: cache_key.clone(),
+                key_alias: Some(format!("jwt user={}", user_id.unwrap_or("-"))),
+                user_id: user_id.map(str::to_string),
+                team_id: team_id.map(str::to_string),
+                ..Default::default()
+            },
+            user,
+            team,
+            model_spend: HashMap::new(),
+        });
+        self.keys.write().insert(cache_key, ctx.clone());
+        Ok(ctx)
+    }
+
+    async fn record<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: Kind,
+        id: Option<&str>,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(id) = id else { return Ok(None) };
+        match self.store.get(kind, id).await? {
+            Some(e) => e.record().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn budget_limits(&self, budget_id: Option<&str>) -> Result<Option<Limits>, StoreError> {
+        Ok(self
+            .record::<BudgetRecord>(Kind::Budget, budget_id)
+            .await?
+            .map(|b| b.limits))
+    }
+
+    async fn load_key(&self, token: &str) -> Result<Option<KeyContext>, StoreError> {
+        let Some(entity) = self.store.get(Kind::Key, token).await? else {
+            return Ok(None);
+        };
+        let mut key: KeyRecord = entity.record()?;
+        if let Some(b) = self.budget_limits(key.budget_id.as_deref()).await? {
+            key.limits.inherit(&b);
+        }
+        let user: Option<UserRecord> = self.record(Kind::User, key.user_id.as_deref()).await?;
+        let mut team: Option<TeamRecord> = self.record(Kind::Team, key.team_id.as_deref()).await?;
+        if let Some(t) = team.as_mut() {
+            if let Some(b) = self.budget_limits(t.budget_id.as_deref()).await? {
+                t.limits.inherit(&b);
+            }
+        }
+        let mut model_spend = HashMap::new();
+        for model in key.limits.model_max_budget.keys() {
+            let id = format!("{token}/{model}");
+            let spend = self
+                .store
+                .get(Kind::KeyModel, &id)
+                .await?
+                .map_or(0.0, |e: Entity| e.spend);
+            model_spend.insert(model.clone(), spend);
+        }
+        Ok(Some(KeyContext {
+            key,
+            user,
+            team,
+            model_spend,
+        }))
+    }
+
+    async fn customer(&self, id: &str) -> Result<Option<Arc<CustomerRecord>>, ApiError> {
+        if let Some(c) = self.customers.read().get(id) {
+            return Ok(c.clone());
+        }
+        let mut c: Option<CustomerRecord> = self
+            .record(Kind::Customer, Some(id))
+            .await
+            .map_err(unavailable)?;
+        if let Some(c) = c.as_mut() {
+            if let Some(b) = self
+                .budget_limits(c.budget_id.as_deref())
+                .await
+                .map_err(unavailable)?
+            {
+                c.limits.inherit(&b);
+            }
+        }
+        let c = c.map(Arc::new);
+        let mut map = self.customers.write();
+        if map.len() > 100_000 {
+            map.clear();
+        }
+        map.insert(id.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Refuses blocked and expired keys.
+    pub fn check_key(&self, k: &KeyContext) -> Result<(), ApiError> {
+        if k.key.blocked {
+            return Err(ApiError::new(
+                403,
+                "auth_error",
+                "Authentication Error - Key is blocked. Update via `/key/unblock` if you're admin.",
+            ));
+        }
+        if let Some(exp) = k.key.expires {
+            let now = Utc::now();
+            if exp <= now {
+                return Err(ApiError::new(
+                    401,
+                    "expired_key",
+                    format!(
+                        "Authentication Error - Expired Key. Key Expiry time {} and current time {}",
+                        exp.to_rfc3339(),
+                        now.to_rfc3339()
+                    ),
+                ));
+            }
+        }
+        if let Some(t) = &k.team {
+            if t.blocked {
+                return Err(ApiError::new(
+                    403,
+                    "auth_error",
+                    format!("Authentication Error - Team={} is blocked.", t.team_id),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A scope for one level, its period settled (and a reset queued when one passed).
+    fn scope(
+        &self,
+        kind: Kind,
+        id: &str,
+        limits: &Limits,
+        spend: f64,
+        now: DateTime<Utc>,
+    ) -> Scope {
+        let (period, reset) = budget_period(limits, now);
+        let seed = if reset.is_some() { 0.0 } else { spend };
+        if let Some(at) = reset {
+            self.queue_reset(kind, id, limits, at);
+        }
+        Scope {
+            kind,
+            id: id.to_string(),
+            rpm: limits.rpm_limit,
+            tpm: limits.tpm_limit,
+            parallel: limits.max_parallel_requests,
+            budget: limits.max_budget,
+            period,
+            seed,
+        }
+    }
+
+    /// Hands a passed budget period to the writer once: stored spend back to 0 with the next
+    /// reset time, written after the rows of the old period.
+    fn queue_reset(&self, kind: Kind, id: &str, limits: &Limits, at: DateTime<Utc>) {
+        if !self
+            .resets
+            .lock()
+            .insert((kind, id.to_string(), at.timestamp()))
+        {
+            return;
+        }
+        let store = self.store.clone();
+        let writer = self.writer.clone();
+        let id = id.to_string();
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            // The stored document is the base: only the reset time changes.
+            let mut doc = match store.get(kind, &id).await {
+                Ok(Some(e)) => e.doc,
+                Ok(None) if kind == Kind::Global => {
+                    serde_json::to_value(&limits).unwrap_or_default()
+                }
+                _ => return,
+            };
+            if let Value::Object(m) = &mut doc {
+                m.insert("budget_reset_at".into(), Value::String(at.to_rfc3339()));
+            }
+            writer.reset(kind, id, doc);
+        });
+    }
+
+    /// Model access, budgets and limits for one call; counts it when everything passes.
+    pub async fn admit(
+        &self,
+        key: Option<&Arc<KeyContext>>,
+        group: &str,
+        allowed_by_key: impl Fn(&[String]) -> bool,
+        end_user: Option<&str>,
+    ) -> Result<Admission, ApiError> {
+        let now = Utc::now();
+        let mut scopes = Vec::with_capacity(6);
+        let mut labels: Vec<String> = Vec::with_capacity(6);
+        {
+            let (spend, limits) = &*self.global.read();
+            if limits.max_budget.is_some() {
+                scopes.push(self.scope(Kind::Global, GLOBAL_ID, limits, *spend, now));
+                labels.push(GLOBAL_ID.into());
+            }
+        }
+        if let Some(k) = key {
+            if let Some(t) = &k.team {
+                if !t.models.is_empty() && !allowed_by_key(&t.models) {
+                    return Err(ApiError::new(
+                        401,
+                        "team_model_access_denied",
+                        format!("Team={} not allowed to access model. This team can only access models={:?}. Tried to access {group}", t.team_id, t.models),
+                    ));
+                }
+            }
+            if let Some(u) = &k.user {
+                if !u.models.is_empty() && !allowed_by_key(&u.models) {
+                    return Err(ApiError::new(
+                        401,
+                        "user_model_access_denied",
+                        format!("User={} not allowed to access model. This user can only access models={:?}. Tried to access {group}", u.user_id, u.models),
+                    ));
+                }
+            }
+            let token = &k.key.token;
+            scopes.push(self.scope(Kind::Key, token, &k.key.limits, k.key.spend, now));
+            labels.push(k.label());
+            if let Some(mb) = k.key.limits.model_max_budget.get(group) {
+                let limits = Limits {
+                    max_budget: Some(mb.limit()),
+                    ..Default::default()
+                };
+                let spend = k.model_spend.get(group).copied().unwrap_or(0.0);
+                scopes.push(self.scope(
+                    Kind::KeyModel,
+                    &format!("{token}/{group}"),
+                    &limits,
+                    spend,
+                    now,
+                ));
+                labels.push(format!("{} model={group}", k.label()));
+            }
+            if let Some(u) = &k.user {
+                scopes.push(self.scope(Kind::User, &u.user_id, &u.limits, u.spend, now));
+                labels.push(u.user_id.clone());
+            }
+            if let Some(t) = &k.team {
+                scopes.push(self.scope(Kind::Team, &t.team_id, &t.limits, t.spend, now));
+                labels.push(t.team_alias.clone().unwrap_or_else(|| t.team_id.clone()));
+            }
+        }
+        if let Some(id) = end_user {
+            if let Some(c) = self.customer(id).await? {
+                if c.blocked {
+                    return Err(ApiError::new(
+                        403,
+                        "auth_error",
+                        format!("Authentication Error - End user={id} is blocked. Allowed to unblock via `/customer/unblock`."),
+                    ));
+                }
+                scopes.push(self.scope(Kind::Customer, id, &c.limits, c.spend, now));
+                labels.push(id.to_string());
+            }
+        }
+        if scopes.is_empty() {
+            return Ok(Admission {
+                scopes,
+                headers: vec![],
+            });
+        }
+        let standings = match self.counters.admit(&scopes).await {
+            Ok(s) => s,
+            Err(d) => return Err(denial_error(&d, &scopes, &labels)),
+        };
+        Ok(Admission {
+            headers: admission_headers(
+                &scopes,
+                &standings,
+                key.is_some(),
+                self.settings.max_budget,
+            ),
+            scopes,
+        })
+    }
+
+    /// Settles a finished call in the counters and queues its spend row.
+    pub async fn finish(&self, admission: Option<Admission>, row: Option<SpendRow>) {
+        let (tokens, cost) = row.as_ref().map_or((0, 0.0), |r| (r.total_tokens, r.spend));
+        if let Some(a) = admission {
+            if !a.scopes.is_empty() {
+                self.counters.settle(&a.scopes, tokens, cost).await;
+            }
+        }
+        if let Some(row) = row {
+            if !(self.settings.disable_spend_logs && self.settings.disable_spend_updates) {
+                self.writer.push(row);
+            }
+        }
+    }
+
+    /// Spend counted for an entity: in memory when seen, else as stored.
+    pub fn live_spend(&self, kind: Kind, id: &str) -> Option<f64> {
+        self.counters.local.spend(kind, id)
+    }
+
+    /// Spend shared through Redis for an entity's current period, when configured.
+    pub async fn shared_spend(&self, kind: Kind, id: &str, limits: &Limits) -> Option<f64> {
+        let r = self.counters.redis.as_ref()?;
+        let (period, _) = budget_period(limits, Utc::now());
+        r.spend(kind, id, period).await
+    }
+
+    /// The proxy-wide budget and the spend counted against it.
+    pub async fn global_spend(&self) -> (f64, Option<f64>) {
+        let (stored, limits) = self.global.read().clone();
+        let spend = match self.shared_spend(Kind::Global, GLOBAL_ID, &limits).await {
+            Some(s) => s,
+            None => self.live_spend(Kind::Global, GLOBAL_ID).unwrap_or(stored),
+        };
+        (spend, limits.max_budget)
+    }
+}
+
+fn denial_error(d: &Denial, scopes: &[Scope], labels: &[String]) -> ApiError {
+    match d {
+        Denial::Budget { scope, spend } => {
+            let s = &scopes[*scope];
+            let max = s.budget.unwrap_or(0.0);
+            let message = match s.kind {
+                Kind::Key => format!(
+                    "Authentication Error, ExceededTokenBudget: Current spend for token: {spend}; Max Budget for Token: {max}"
+                ),
+                Kind::KeyModel => format!(
+                    "Budget has been exceeded! Key={} Current cost: {spend}, Max budget: {max}",
+                    labels[*scope]
+                ),
+                Kind::Global => format!(
+                    "Budget has been exceeded! Proxy budget. Current cost: {spend}, Max budget: {max}"
+                ),
+                k => format!(
+                    "Budget has been exceeded! {}={} Current cost: {spend}, Max budget: {max}",
+                    scope_title(k),
+                    labels[*scope]
+                ),
+            };
+            ApiError::new(400, "budget_exceeded", message)
+        }
+        Denial::Limit { scope, limit } => {
+            let s = &scopes[*scope];
+            let current = match limit {
+                counters::LimitType::Requests => s.rpm,
+                counters::LimitType::Tokens => s.tpm,
+                counters::LimitType::Parallel => s.parallel,
+            }
+            .unwrap_or(0);
+            let reset = if *limit == counters::LimitType::Parallel {
+                1
+            } else {
+                counters::window_reset_secs()
+            };
+            let at = Utc::now() + chrono::Duration::seconds(reset as i64);
+            ApiError::new(
+                429,
+                "rate_limit_error",
+                format!(
+                    "Rate limit exceeded for {}: {}. Limit type: {}. Current limit: {current}, Remaining: 0. Limit resets at: {}",
+                    scope_name(s.kind),
+                    labels[*scope],
+                    limit.as_str(),
+                    at.to_rfc3339()
+                ),
+            )
+            .with_retry_after(reset)
+        }
+    }
+}
+
+fn scope_title(kind: Kind) -> &'static str {
+    match kind {
+        Kind::User => "User",
+        Kind::Team => "Team",
+        Kind::Customer => "EndUser",
+        _ => "Key",
+    }
+}
+
+/// The key's own limits (LiteLLM sends the key's when it has them).
+fn admission_headers(
+    scopes: &[Scope],
+    standings: &[Standing],
+    has_key: bool,
+    _proxy_budget: Option<f64>,
+) -> Vec<(&'static str, String)> {
+    let mut h = vec![];
+    let Some(i) = scopes
+        .iter()
+        .position(|s| s.kind == Kind::Key)
+        .filter(|_| has_key)
+    else {
+        return h;
+    };
+    let (s, st) = (&scopes[i], &standings[i]);
+    h.push(("x-litellm-key-spend", st.spend.to_string()));
+    let reset = counters::window_reset_secs().to_string();
+    if let Some(l) = s.rpm {
+        h.push(("x-ratelimit-limit-requests", l.to_string()));
+        h.push((
+            "x-ratelimit-remaining-requests",
+            l.saturating_sub(st.requests).to_string(),
+        ));
+        h.push(("x-ratelimit-reset-requests", reset.clone()));
+    }
+    if let Some(l) = s.tpm {
+        h.push(("x-ratelimit-limit-tokens", l.to_string()));
+        h.push((
+            "x-ratelimit-remaining-tokens",
+            l.saturating_sub(st.tokens).to_string(),
+        ));
+        h.push(("x-ratelimit-reset-tokens", reset));
+    }
+    h
+}
+
+/// Cost of a call on a deployment: its configured prices, else the bundled table's for the
+/// upstream model (or `model_info.base_model`); self-hosted models cost nothing unless priced.
+pub fn call_cost(d: &Deployment, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+    cost_for(
+        d.provider.name(),
+        &d.upstream_model,
+        d.model_info.base_model.as_deref(),
+        (d.input_cost_per_token, d.output_cost_per_token),
+        prompt_tokens,
+        completion_tokens,
+    )
+}
+
+/// Cost from explicit prices when given, else from the bundled table.
+pub fn cost_for(
+    provider: &str,
+    model: &str,
+    base_model: Option<&str>,
+    prices: (Option<f64>, Option<f64>),
+    prompt_tokens: u64,
+    completion_tokens: u64,
+) -> f64 {
+    use sluice_filters::cost::{cost, PriceTable};
+    if prices.0.is_some() || prices.1.is_some() {
+        return prompt_tokens as f64 * prices.0.unwrap_or(0.0)
+            + completion_tokens as f64 * prices.1.unwrap_or(0.0);
+    }
+    let self_hosted = matches!(
+        provider,
+        "hosted_vllm"
+            | "vllm"
+            | "ollama"
+            | "ollama_chat"
+            | "huggingface"
+            | "sluice"
+            | "openai_like"
+    );
+    if self_hosted {
+        return 0.0;
+    }
+    let table = PriceTable::bundled();
+    let prefixed = format!("{provider}/{model}");
+    let price = [base_model, Some(prefixed.as_str()), Some(model)]
+        .into_iter()
+        .flatten()
+        .find_map(|n| table.lookup(n));
+    price.map_or(0.0, |p| cost(p, prompt_tokens, completion_tokens))
+}
