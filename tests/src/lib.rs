@@ -519,3 +519,156 @@ pub fn sse_data(body: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// The Postgres server the tests use (`SLUICE_TEST_DATABASE_URL`, default the local one).
+pub fn postgres_base_url() -> String {
+    std::env::var("SLUICE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The Redis server the tests use (`SLUICE_TEST_REDIS_URL`, default the local one), as
+/// `(host, port)`.
+pub fn redis_address() -> (String, u16) {
+    let url =
+        std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let hostport = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .rsplit('@')
+        .next()
+        .unwrap_or("127.0.0.1:6379")
+        .to_string();
+    let (h, p) = hostport.split_once(':').unwrap_or((&hostport, "6379"));
+    (h.to_string(), p.parse().unwrap_or(6379))
+}
+
+/// A fresh, empty Postgres database for one test, dropped on drop.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+fn psql(url: &str, sql: &str) -> std::process::Output {
+    Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+        .output()
+        .expect("running psql (the postgresql client)")
+}
+
+impl TestDatabase {
+    pub fn create() -> TestDatabase {
+        let base = postgres_base_url();
+        let name = format!(
+            "sluice_t_{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let out = psql(&base, &format!("CREATE DATABASE {name}"));
+        assert!(
+            out.status.success(),
+            "creating test database: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = match base.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => panic!("SLUICE_TEST_DATABASE_URL needs a database path"),
+        };
+        TestDatabase { name, url }
+    }
+
+    /// Runs SQL against this database and returns what psql printed (unaligned, tuples only).
+    pub fn query(&self, sql: &str) -> String {
+        let out = psql(&self.url, sql);
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// This database reached through `host:port` (a [`TcpCut`] in front of Postgres).
+    pub fn url_via(&self, port: u16) -> String {
+        let base = postgres_base_url();
+        let (scheme_user, rest) = base.split_once('@').expect("user@host in the database URL");
+        let path_at = rest.find('/').unwrap_or(rest.len());
+        let _ = &rest[..path_at];
+        format!("{scheme_user}@127.0.0.1:{port}/{}", self.name)
+    }
+}
+
+static NEXT_DB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = psql(
+            &postgres_base_url(),
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+/// A TCP forwarder that can be cut: while cut it drops every open connection and refuses new
+/// ones, as a database that went away would look to its clients.
+pub struct TcpCut {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpCut {
+    pub async fn start(target: std::net::SocketAddr) -> TcpCut {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        let generation = std::sync::Arc::new(tx);
+        let up2 = up.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::Acquire) {
+                    drop(client);
+                    continue;
+                }
+                let mut cut = rx.clone();
+                // Only cuts after this connection opened end it.
+                cut.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        TcpCut {
+            port,
+            up,
+            generation,
+            task,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::Release);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for TcpCut {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -919,6 +919,11 @@ async fn deploy_examples_pass_check_config_with_secrets_redacted() {
         ("DEEPSEEK_API_KEY", "deepseek-example-secret"),
         ("COHERE_API_KEY", "cohere-example-secret"),
         ("LITELLM_MASTER_KEY", "sk-master-example-secret"),
+        (
+            "DATABASE_URL",
+            "postgres://sluice:example-secret@db:5432/sluice",
+        ),
+        ("REDIS_HOST", "redis"),
     ];
     let mut seen = 0;
     for entry in std::fs::read_dir(root.join("deploy/examples")).unwrap() {
@@ -941,7 +946,7 @@ async fn deploy_examples_pass_check_config_with_secrets_redacted() {
         assert!(!stdout.contains("example-secret"), "{stdout}");
         seen += 1;
     }
-    assert!(seen >= 3);
+    assert!(seen >= 4);
 }
 
 #[tokio::test]
