@@ -15,6 +15,10 @@
 #   SKIP_BUILD=1       use the binaries already in target/release
 #   CARGO_TARGET_DIR   as for cargo (default: target)
 #   SLUICE_LOG         passed through to the gateway (its log level)
+#   KEYS=none          none: no auth (baseline); sqlite or postgres: every request carries a
+#                      virtual key with a budget and an rpm limit, spend goes to that store
+#                      (postgres: a fresh database on $BENCH_PG, default the local server), and
+#                      the spend rows written are counted against the requests sent
 # See benches/README.md for what each column means.
 set -euo pipefail
 
@@ -22,6 +26,8 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 MODES=${MODES:-"chat stream"}
+KEYS=${KEYS:-none}
+BENCH_PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
 GW_CPU=${GW_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 
@@ -130,6 +136,21 @@ model_list:
       api_base: $MOCK_BASE
       api_key: sk-bench
 EOF
+MASTER=sk-bench-master
+case $KEYS in
+none) ;;
+sqlite) DB_URL="sqlite://$WORK/bench.db" ;;
+postgres)
+    PG_DB=sluice_bench_$$
+    psql "$BENCH_PG/postgres" -qc "CREATE DATABASE $PG_DB" >/dev/null || die "cannot create $PG_DB on $BENCH_PG"
+    DB_URL="$BENCH_PG/$PG_DB"
+    ;;
+*) die "KEYS must be none, sqlite or postgres" ;;
+esac
+if [[ $KEYS != none ]]; then
+    printf 'general_settings:\n  master_key: %s\n  database_url: "%s"\n  proxy_batch_write_at: 1\n' \
+        "$MASTER" "$DB_URL" >>"$WORK/config.yaml"
+fi
 GW_PORT=$(free_port)
 (cd "$WORK" && exec taskset -c "$GW_CPU" "$BIN/sluice" --config "$WORK/config.yaml" \
     --host 127.0.0.1 --port "$GW_PORT" --num-workers 1 >"$WORK/sluice.log" 2>&1 </dev/null) &
@@ -142,12 +163,21 @@ for i in $(seq 200); do
     sleep 0.1
 done
 
+AUTH=()
+if [[ $KEYS != none ]]; then
+    VKEY=$(curl -sf "http://127.0.0.1:$GW_PORT/key/generate" -H "Authorization: Bearer $MASTER" \
+        -H 'content-type: application/json' \
+        -d '{"key_alias": "bench", "max_budget": 1000000000, "rpm_limit": 1000000000}' | jq -r .key)
+    [[ $VKEY == sk-* ]] || die "could not generate a virtual key"
+    AUTH=(-H "Authorization: Bearer $VKEY")
+fi
+
 # One request per route before measuring, so a broken setup fails loudly and early.
 for model in bench bench-stream; do
     stream=false
     [[ $model == bench-stream ]] && stream=true
     code=$(jq -c --arg m "$model" --argjson s "$stream" '.model = $m | .stream = $s' "$BODY" |
-        curl -s -o "$WORK/probe.out" -w '%{http_code}' -H 'content-type: application/json' \
+        curl -s -o "$WORK/probe.out" -w '%{http_code}' -H 'content-type: application/json' "${AUTH[@]}" \
             --data-binary @- "http://127.0.0.1:$GW_PORT/v1/chat/completions")
     [[ $code == 200 ]] || die "probe through the gateway (model $model) answered $code: $(head -c 500 "$WORK/probe.out")"
 done
@@ -159,6 +189,7 @@ load() {
     local args=(--url "$1" --model "$2" --concurrency "$4" --duration "$DURATION"
         --warmup "$WARMUP" --body "$BODY")
     [[ $3 == 1 ]] && args+=(--stream)
+    [[ ${#AUTH[@]} -gt 0 ]] && args+=("${AUTH[@]}")
     taskset -c "$LOAD_CPU" "$BIN/sluice-load" "${args[@]}"
 }
 
@@ -203,6 +234,21 @@ done
 
 HWM=$(awk '/^VmHWM:/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$GW_PID/status")
 
+SPEND_LINE=""
+if [[ $KEYS != none ]]; then
+    # Stop the gateway (SIGTERM flushes the spend log), then count its rows.
+    kill -TERM "$GW_PID"
+    for _ in $(seq 300); do kill -0 "$GW_PID" 2>/dev/null || break; sleep 0.1; done
+    SENT=$(jq -s '[.[] | select(.target == "gateway") | .total_requests] | add + 2' "$RAW")
+    if [[ $KEYS == sqlite ]]; then
+        ROWS_WRITTEN=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from sluice_spend_logs').fetchone()[0])" "$WORK/bench.db")
+    else
+        ROWS_WRITTEN=$(psql "$DB_URL" -qAtc 'select count(*) from sluice_spend_logs')
+        psql "$BENCH_PG/postgres" -qc "DROP DATABASE $PG_DB WITH (FORCE)" >/dev/null || true
+    fi
+    SPEND_LINE="Virtual key with a budget and an rpm limit on every request ($KEYS store): spend rows written $ROWS_WRITTEN, requests sent $SENT (probes included)."
+fi
+
 {
     echo "## Sluice load harness ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
     echo
@@ -214,6 +260,8 @@ HWM=$(awk '/^VmHWM:/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$GW_PID/status")
     echo "| mode | conc | direct rps | gateway rps | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 | direct TTFB p50 | gateway TTFB p50 | gateway CPU µs/req | errors d/g |"
     echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     printf '%s\n' "${ROWS[@]}"
+    echo
+    [[ -z $SPEND_LINE ]] || echo "$SPEND_LINE"
     echo
     echo "Gateway peak RSS (VmHWM) at the end: $HWM. CPU per request is utime+stime over the whole gateway run (warmup included) / requests sent; clock tick = $((1000000 / CLK_TCK)) µs."
 } | tee "$RESULTS"
