@@ -619,3 +619,13 @@ fn route_refused(path: &str) -> ApiError {
         ),
     )
 }
+
+/// Counts a call's tokens and cost against its limits as soon as they are known, before the
+/// client has the whole answer (the logging phase would be too late for its next call).
+pub async fn settle_spend(app: &App, ctx: &mut Ctx) {
+    if let (Some(t), Some(a), Some(s)) = (&app.tenancy, ctx.admission.as_mut(), &ctx.served) {
+        let u = &s.usage;
+        let tokens = u.total_tokens.max(u.prompt_tokens + u.completion_tokens);
+        t.settle(a, tokens, s.cost).await;
+    }
+}

@@ -410,6 +410,16 @@ async fn serve(
             })?
             .into_owned(),
     };
+    // A key's `aliases` rename the model it asks for.
+    let model = match ctx
+        .tenant
+        .as_ref()
+        .and_then(|k| k.key.aliases.get(&model))
+        .and_then(|v| v.as_str())
+    {
+        Some(target) => target.to_string(),
+        None => model,
+    };
     ctx.requested_model = Some(model.clone());
     let required = op.required_field();
     if !body.contains(required) {
@@ -1150,6 +1160,7 @@ async fn whole_response(
         &picked.deployment.config.model_name,
     );
     ctx.served = Some(served(picked, usage, None));
+    crate::gateway::settle_spend(app, ctx).await;
     let content_type =
         (!plan.provider.is_openai_native() || ctx.ingress.is_some()).then_some("application/json");
     let h = client_header(ctx, &upstream_header, &extra, content_type);
@@ -1217,6 +1228,10 @@ async fn stream_response(
             }
             Ok(None) => {
                 decoder.finish(&mut out);
+                // Spend counts before the client sees the end, so its next call is checked
+                // against it.
+                ctx.served = Some(served(picked, decoder.usage(), ttft));
+                crate::gateway::settle_spend(app, ctx).await;
                 let tail = (!out.is_empty()).then(|| Bytes::copy_from_slice(&out));
                 let _ = session.write_response_body(tail, true).await;
                 let total = sent.elapsed();
@@ -1229,7 +1244,6 @@ async fn stream_response(
                     decoder.usage(),
                     &picked.deployment.config.model_name,
                 );
-                ctx.served = Some(served(picked, decoder.usage(), ttft));
                 return Ok(Outcome::Served);
             }
             Err(e) => {

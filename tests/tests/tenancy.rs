@@ -145,6 +145,12 @@ async fn key_lifecycle_over_http() {
     let (status, _, _) = call(&gw, "POST", "/key/generate", &other, Some(json!({}))).await;
     assert_eq!(status, 403);
 
+    // A key's aliases rename the model it asks for.
+    let aliased = new_key(&gw, json!({"aliases": {"fast": "m2"}})).await;
+    let (s, v, h) = chat(&gw, &aliased, "fast").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(h["x-litellm-model-group"], "m2");
+
     // list, update, block, unblock.
     let (_, list, _) = call(&gw, "GET", "/key/list?key_alias=alice-key", MASTER, None).await;
     assert_eq!(list["keys"], json!([token]));
@@ -410,6 +416,14 @@ async fn budgets_trip_at_every_level_and_reset() {
         "{v}"
     );
 
+    // soft_budget never blocks; past it the answer says so.
+    let soft = new_key(&gw, json!({"soft_budget": 0.001})).await;
+    let (_, _, h) = chat(&gw, &soft, "m").await;
+    assert!(!h.contains_key("x-litellm-soft-budget-exceeded"));
+    let (s, _, h) = chat(&gw, &soft, "m").await;
+    assert_eq!(s, 200);
+    assert_eq!(h["x-litellm-soft-budget-exceeded"], "true");
+
     // User, team and end user (the OpenAI `user` field).
     admin(
         &gw,
@@ -585,7 +599,8 @@ async fn spend_is_price_times_tokens_streamed_or_not() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let rows = spend_rows(&gw, &format!("?api_key={key}"), 4).await;
+    // Three successes and the failure above, then this pass-through call.
+    let rows = spend_rows(&gw, &format!("?api_key={key}"), 5).await;
     assert!(
         rows.iter()
             .any(|r| r["call_type"] == "/vllm" && r["total_tokens"].as_u64().unwrap() > 0),

@@ -55,6 +55,8 @@ impl KeyContext {
 /// Counted against its scopes until settled in the logging phase.
 pub struct Admission {
     scopes: Vec<Scope>,
+    /// Tokens and cost already counted (parallel slot released) before the logging phase.
+    settled: bool,
     /// `x-ratelimit-*` and `x-litellm-key-spend` headers for the response.
     pub headers: Vec<(&'static str, String)>,
 }
@@ -108,6 +110,8 @@ pub struct Tenancy {
     change_seq: AtomicI64,
     /// Budget resets already handed to the writer (kind, id, new period).
     resets: Mutex<HashSet<(Kind, String, i64)>>,
+    /// Keys already reported past their soft budget.
+    soft_warned: Mutex<HashSet<String>>,
 }
 
 const MISSING_TTL: Duration = Duration::from_secs(1);
@@ -157,6 +161,7 @@ impl Tenancy {
             global: RwLock::new((0.0, Limits::default())),
             change_seq: AtomicI64::new(seq),
             resets: Mutex::new(HashSet::new()),
+            soft_warned: Mutex::new(HashSet::new()),
             store,
             settings,
         });
@@ -547,6 +552,7 @@ impl Tenancy {
         if scopes.is_empty() {
             return Ok(Admission {
                 scopes,
+                settled: false,
                 headers: vec![],
             });
         }
@@ -554,13 +560,24 @@ impl Tenancy {
             Ok(s) => s,
             Err(d) => return Err(denial_error(&d, &scopes, &labels)),
         };
+        let mut headers = admission_headers(&scopes, &standings, key.is_some());
+        // soft_budget never blocks: past it, answers say so and the gateway logs it once.
+        if let Some(k) = key {
+            let spend = scopes
+                .iter()
+                .zip(&standings)
+                .find(|(s, _)| s.kind == Kind::Key)
+                .map_or(0.0, |(_, st)| st.spend);
+            if k.key.limits.soft_budget.is_some_and(|soft| spend >= soft) {
+                headers.push(("x-litellm-soft-budget-exceeded", "true".into()));
+                if self.soft_warned.lock().insert(k.key.token.clone()) {
+                    tracing::warn!(key = %k.label(), spend, soft_budget = k.key.limits.soft_budget, "key is past its soft budget");
+                }
+            }
+        }
         Ok(Admission {
-            headers: admission_headers(
-                &scopes,
-                &standings,
-                key.is_some(),
-                self.settings.max_budget,
-            ),
+            settled: false,
+            headers,
             scopes,
         })
     }
@@ -568,15 +585,24 @@ impl Tenancy {
     /// Settles a finished call in the counters and queues its spend row.
     pub async fn finish(&self, admission: Option<Admission>, row: Option<SpendRow>) {
         let (tokens, cost) = row.as_ref().map_or((0, 0.0), |r| (r.total_tokens, r.spend));
-        if let Some(a) = admission {
-            if !a.scopes.is_empty() {
-                self.counters.settle(&a.scopes, tokens, cost).await;
-            }
+        if let Some(mut a) = admission {
+            self.settle(&mut a, tokens, cost).await;
         }
         if let Some(row) = row {
             if !(self.settings.disable_spend_logs && self.settings.disable_spend_updates) {
                 self.writer.push(row);
             }
+        }
+    }
+
+    /// Counts a call's tokens and cost and releases its parallel slot, once.
+    pub async fn settle(&self, a: &mut Admission, tokens: u64, cost: f64) {
+        if a.settled {
+            return;
+        }
+        a.settled = true;
+        if !a.scopes.is_empty() {
+            self.counters.settle(&a.scopes, tokens, cost).await;
         }
     }
 
@@ -671,7 +697,6 @@ fn admission_headers(
     scopes: &[Scope],
     standings: &[Standing],
     has_key: bool,
-    _proxy_budget: Option<f64>,
 ) -> Vec<(&'static str, String)> {
     let mut h = vec![];
     let Some(i) = scopes
