@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, parse_field, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart,
-    InTool,
+    bad, now, parse_field, text, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage,
+    InPart, InTool, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -73,33 +73,6 @@ enum Block<'a> {
     ToolUse(ToolUse<'a>),
     ToolResult(ToolResult<'a>),
     CachePoint(CachePoint),
-}
-
-/// A text block's string: copied through as the client sent it where that is possible (see
-/// [`text`]), else escaped as usual.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Text<'a> {
-    Raw(&'a RawValue),
-    Str(&'a str),
-}
-
-/// `s` as a JSON string. When `s` is a string token of `src` (the client's JSON) that had no
-/// escapes, so that serde borrowed it, the quoted token is copied through as it is (checked by
-/// parsing it), which saves escaping it again.
-fn text<'a>(src: &'a str, s: &'a str) -> Text<'a> {
-    let start = (s.as_ptr() as usize).wrapping_sub(src.as_ptr() as usize);
-    if start == 0 || start > src.len() || src.len() - start <= s.len() {
-        return Text::Str(s);
-    }
-    let token = &src.as_bytes()[start - 1..=start + s.len()];
-    if token[0] != b'"' || token[token.len() - 1] != b'"' || s.contains('\\') {
-        return Text::Str(s);
-    }
-    match serde_json::from_str(&src[start - 1..=start + s.len()]) {
-        Ok(raw) => Text::Raw(raw),
-        Err(_) => Text::Str(s),
-    }
 }
 
 #[derive(Serialize)]

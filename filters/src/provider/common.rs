@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
@@ -13,6 +13,72 @@ use crate::usage::Usage;
 
 pub(super) fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::bad_request(msg)
+}
+
+/// A string to write out as JSON: the client's own token where it can be copied through (see
+/// [`text`]), else the string, escaped as usual.
+pub(super) enum Text<'a> {
+    Raw(Token<'a>),
+    Str(Cow<'a, str>),
+}
+
+/// A JSON string token, quotes included, that serde_json would write the same way: copying it
+/// through saves escaping its string again.
+#[derive(Clone, Copy)]
+pub(super) struct Token<'a>(&'a str);
+
+impl<'a> Token<'a> {
+    /// The token's JSON text.
+    pub fn get(&self) -> &'a str {
+        self.0
+    }
+}
+
+impl Serialize for Text<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            // A token is valid JSON by construction, so this parse (which serde needs to copy
+            // JSON text through) cannot fail.
+            Text::Raw(token) => serde_json::from_str::<&RawValue>(token.get())
+                .map_err(serde::ser::Error::custom)?
+                .serialize(s),
+            Text::Str(text) => s.serialize_str(text),
+        }
+    }
+}
+
+impl Text<'_> {
+    /// Appends the string as JSON to `out` (for translators that write their JSON by hand).
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Text::Raw(token) => out.extend_from_slice(token.get().as_bytes()),
+            Text::Str(text) => serde_json::to_writer(out, text).expect("strings serialize"),
+        }
+    }
+}
+
+/// `s` as a JSON string. When `s` is a string token of `src` (the client's JSON) that had no
+/// escapes, so that serde borrowed it, the quoted token is copied through as it is: serde_json
+/// escapes only `"`, `\` and control characters, and when `s` holds none of them (checked) the
+/// bytes are the same either way.
+pub(super) fn text<'a>(src: &'a str, s: &'a str) -> Text<'a> {
+    let start = (s.as_ptr() as usize).wrapping_sub(src.as_ptr() as usize);
+    if start == 0 || start > src.len() || src.len() - start <= s.len() {
+        return Text::Str(Cow::Borrowed(s));
+    }
+    let end = start + s.len();
+    let quoted = src.as_bytes()[start - 1] == b'"' && src.as_bytes()[end] == b'"';
+    if !quoted || needs_escape(s.as_bytes()) {
+        return Text::Str(Cow::Borrowed(s));
+    }
+    Text::Raw(Token(&src[start - 1..=end]))
+}
+
+/// Whether serde_json would escape any of `bytes` (`"`, `\` or a control character).
+fn needs_escape(bytes: &[u8]) -> bool {
+    // The smallest byte, without an early exit: the compiler compares many bytes at once.
+    memchr::memchr2(b'"', b'\\', bytes).is_some()
+        || bytes.iter().fold(u8::MAX, |m, &b| m.min(b)) < 0x20
 }
 
 /// A body field as `T`; absent or `null` is `None`, a wrong type is a 400 naming the field.

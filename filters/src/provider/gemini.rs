@@ -10,14 +10,13 @@
 //! id (`call_0__thought__<signature>`), as LiteLLM does, and is restored on the next request.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, ChunkWriter, InContent, InToolCall};
+use super::common::{bad, now, parse_field, text, ChunkWriter, InContent, InToolCall, Text};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::classify::{classify_status, FailureKind};
@@ -38,29 +37,6 @@ const UNSUPPORTED: &[&str] = &[
     "service_tier",
     "prediction",
     "audio",
-];
-
-/// Keys of Gemini's `Schema` (an OpenAPI subset); anything else is an "Unknown name" 400.
-const SCHEMA_KEYS: &[&str] = &[
-    "type",
-    "format",
-    "title",
-    "description",
-    "nullable",
-    "enum",
-    "maxItems",
-    "minItems",
-    "required",
-    "minProperties",
-    "maxProperties",
-    "minLength",
-    "maxLength",
-    "pattern",
-    "example",
-    "propertyOrdering",
-    "default",
-    "minimum",
-    "maximum",
 ];
 
 /// One OpenAI chat message, borrowed from the client's body (`name` names a legacy function
@@ -127,104 +103,194 @@ struct InputFile<'a> {
     file_id: Option<Cow<'a, str>>,
 }
 
-/// One Gemini `Part`.
-#[derive(Serialize)]
-#[serde(untagged)]
+/// One Gemini `Part`. Parts and turns are written out by hand ([`Part::write`]): they are most
+/// of a request, and serde_json would escape every key and write every piece apart.
 enum Part<'a> {
-    Text {
-        text: Cow<'a, str>,
-    },
+    /// `{"text": …}`
+    Text { text: Text<'a> },
+    /// `{"inlineData": {"mimeType": …, "data": …}}`
     InlineData {
-        #[serde(rename = "inlineData")]
-        inline_data: Blob<'a>,
+        mime_type: Cow<'a, str>,
+        data: &'a str,
     },
+    /// `{"fileData": {"mimeType": …, "fileUri": …}}`
     FileData {
-        #[serde(rename = "fileData")]
-        file_data: FileData<'a>,
+        mime_type: &'a str,
+        file_uri: &'a str,
     },
+    /// `{"functionCall": {"name": …, "args": …}, "thoughtSignature": …}`
     FunctionCall {
-        #[serde(rename = "functionCall")]
-        function_call: FunctionCall<'a>,
-        #[serde(rename = "thoughtSignature", skip_serializing_if = "Option::is_none")]
+        name: &'a str,
+        args: &'a RawValue,
         thought_signature: Option<&'a str>,
     },
-    FunctionResponse {
-        #[serde(rename = "functionResponse")]
-        function_response: FunctionResponse<'a>,
-    },
+    /// `{"functionResponse": {"name": …, "response": {"content": …}}}`
+    FunctionResponse { name: &'a str, content: Text<'a> },
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Blob<'a> {
-    mime_type: Cow<'a, str>,
-    data: &'a str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct FileData<'a> {
-    mime_type: &'a str,
-    file_uri: &'a str,
-}
-
-#[derive(Serialize)]
-struct FunctionCall<'a> {
-    name: &'a str,
-    args: &'a RawValue,
-}
-
-#[derive(Serialize)]
-struct FunctionResponse<'a> {
-    name: &'a str,
-    response: FunctionResult<'a>,
-}
-
-#[derive(Serialize)]
-struct FunctionResult<'a> {
-    content: Cow<'a, str>,
-}
-
-/// One Gemini `Content` (a turn).
-#[derive(Serialize)]
+/// One Gemini `Content` (a turn): `{"role": …, "parts": […]}`.
 struct Turn<'a> {
     role: &'static str,
     parts: Vec<Part<'a>>,
+}
+
+/// `s` as a JSON string.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("strings serialize");
+}
+
+/// `value` as JSON.
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(&mut *out, value).expect("json serializes");
+}
+
+/// `[item, …]`, each item written by `write`.
+fn write_list<I: IntoIterator>(
+    out: &mut Vec<u8>,
+    items: I,
+    mut write: impl FnMut(&mut Vec<u8>, I::Item),
+) {
+    out.push(b'[');
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write(out, item);
+    }
+    out.push(b']');
+}
+
+/// Writes a JSON object: `{`, each field as `"key":` and its value with commas between, `}`.
+struct ObjectWriter<'o> {
+    out: &'o mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'o> ObjectWriter<'o> {
+    fn new(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'{');
+        ObjectWriter { out, empty: true }
+    }
+
+    /// Starts a field; `key` is a plain name (written as it is, nothing to escape). The value
+    /// goes into the output returned.
+    fn field(&mut self, key: &str) -> &mut Vec<u8> {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
 }
 
 impl Part<'_> {
     fn is_function_response(&self) -> bool {
         matches!(self, Part::FunctionResponse { .. })
     }
-}
 
-fn text_part(text: &str) -> Part<'_> {
-    Part::Text {
-        text: Cow::Borrowed(text),
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Part::Text { text } => {
+                out.extend_from_slice(b"{\"text\":");
+                text.write(out);
+                out.push(b'}');
+            }
+            Part::InlineData { mime_type, data } => {
+                out.extend_from_slice(b"{\"inlineData\":{\"mimeType\":");
+                write_str(out, mime_type);
+                out.extend_from_slice(b",\"data\":");
+                write_str(out, data);
+                out.extend_from_slice(b"}}");
+            }
+            Part::FileData {
+                mime_type,
+                file_uri,
+            } => {
+                out.extend_from_slice(b"{\"fileData\":{\"mimeType\":");
+                write_str(out, mime_type);
+                out.extend_from_slice(b",\"fileUri\":");
+                write_str(out, file_uri);
+                out.extend_from_slice(b"}}");
+            }
+            Part::FunctionCall {
+                name,
+                args,
+                thought_signature,
+            } => {
+                out.extend_from_slice(b"{\"functionCall\":{\"name\":");
+                write_str(out, name);
+                out.extend_from_slice(b",\"args\":");
+                out.extend_from_slice(args.get().as_bytes());
+                out.push(b'}');
+                if let Some(signature) = thought_signature {
+                    out.extend_from_slice(b",\"thoughtSignature\":");
+                    write_str(out, signature);
+                }
+                out.push(b'}');
+            }
+            Part::FunctionResponse { name, content } => {
+                out.extend_from_slice(b"{\"functionResponse\":{\"name\":");
+                write_str(out, name);
+                out.extend_from_slice(b",\"response\":{\"content\":");
+                content.write(out);
+                out.extend_from_slice(b"}}}");
+            }
+        }
     }
 }
 
+/// `[part, …]`
+fn write_parts(out: &mut Vec<u8>, parts: &[Part]) {
+    write_list(out, parts, |out, part| part.write(out));
+}
+
+impl Turn<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        // Roles are plain words: nothing to escape.
+        out.extend_from_slice(b"{\"role\":\"");
+        out.extend_from_slice(self.role.as_bytes());
+        out.extend_from_slice(b"\",\"parts\":");
+        write_parts(out, &self.parts);
+        out.push(b'}');
+    }
+}
+
+/// A text part; `src` is the client's JSON that `s` was read from (see [`text`]).
+fn text_part<'a>(src: &'a str, s: &'a str) -> Part<'a> {
+    Part::Text { text: text(src, s) }
+}
+
 /// OpenAI message content (a string or a list of parts) as Gemini parts.
-fn content_parts<'a>(content: &'a Option<Content<'a>>) -> Result<Vec<Part<'a>>, ApiError> {
+fn content_parts<'a>(
+    src: &'a str,
+    content: &'a Option<Content<'a>>,
+) -> Result<Vec<Part<'a>>, ApiError> {
     match content {
         None => Ok(vec![]),
         Some(Content::Text(s)) if s.is_empty() => Ok(vec![]),
-        Some(Content::Text(s)) => Ok(vec![text_part(s)]),
+        Some(Content::Text(s)) => Ok(vec![text_part(src, s)]),
         Some(Content::Parts(parts)) => {
             let mut out = Vec::with_capacity(parts.len());
             for p in parts {
-                out.extend(part(p)?);
+                out.extend(part(src, p)?);
             }
             Ok(out)
         }
     }
 }
 
-fn part<'a>(p: &'a ContentPart<'a>) -> Result<Option<Part<'a>>, ApiError> {
+fn part<'a>(src: &'a str, p: &'a ContentPart<'a>) -> Result<Option<Part<'a>>, ApiError> {
     match p.kind.as_deref() {
         Some("text") => {
             let text = p.text.as_deref().unwrap_or("");
-            Ok((!text.is_empty()).then(|| text_part(text)))
+            Ok((!text.is_empty()).then(|| text_part(src, text)))
         }
         Some("image_url") => {
             let (url, format) = match &p.image_url {
@@ -244,10 +310,8 @@ fn part<'a>(p: &'a ContentPart<'a>) -> Result<Option<Part<'a>>, ApiError> {
                 .ok_or_else(|| bad("input_audio part without data"))?;
             let format = audio.and_then(|a| a.format.as_deref()).unwrap_or("wav");
             Ok(Some(Part::InlineData {
-                inline_data: Blob {
-                    mime_type: Cow::Owned(format!("audio/{format}")),
-                    data,
-                },
+                mime_type: Cow::Owned(format!("audio/{format}")),
+                data,
             }))
         }
         Some("file") => {
@@ -276,17 +340,13 @@ fn media_part<'a>(url: &'a str, mime: Option<&'a str>) -> Result<Part<'a>, ApiEr
             .strip_suffix(";base64")
             .ok_or_else(|| bad("image data URLs must be base64"))?;
         Ok(Part::InlineData {
-            inline_data: Blob {
-                mime_type: Cow::Borrowed(mime.unwrap_or(media_type)),
-                data,
-            },
+            mime_type: Cow::Borrowed(mime.unwrap_or(media_type)),
+            data,
         })
     } else {
         Ok(Part::FileData {
-            file_data: FileData {
-                mime_type: mime.unwrap_or_else(|| guess_mime(url)),
-                file_uri: url,
-            },
+            mime_type: mime.unwrap_or_else(|| guess_mime(url)),
+            file_uri: url,
         })
     }
 }
@@ -337,6 +397,14 @@ fn text_of<'a>(content: &'a Option<Content<'a>>) -> Cow<'a, str> {
     }
 }
 
+/// Text read from `src` (the client's JSON), to write out (see [`text`]).
+fn out_text<'a>(src: &'a str, s: Cow<'a, str>) -> Text<'a> {
+    match s {
+        Cow::Borrowed(s) => text(src, s),
+        owned => Text::Str(owned),
+    }
+}
+
 fn is_function_responses(parts: &[Part]) -> bool {
     parts.iter().all(Part::is_function_response)
 }
@@ -360,8 +428,13 @@ fn push_turn<'a>(contents: &mut Vec<Turn<'a>>, role: &'static str, parts: Vec<Pa
 
 /// Splits a tool call id into the id and the thought signature carried inside it.
 fn split_call_id(id: &str) -> (&str, Option<&str>) {
-    match id.split_once(THOUGHT_SEP) {
-        Some((id, sig)) if !sig.is_empty() => (id, Some(sig)),
+    // A searcher built once: `str::split_once` sets one up for every id.
+    static SEP: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(THOUGHT_SEP));
+    match SEP.find(id.as_bytes()) {
+        Some(at) if at + THOUGHT_SEP.len() < id.len() => {
+            (&id[..at], Some(&id[at + THOUGHT_SEP.len()..]))
+        }
         _ => (id, None),
     }
 }
@@ -374,22 +447,27 @@ fn empty_args() -> &'static RawValue {
 
 type Converted<'a> = (Vec<Part<'a>>, Vec<Turn<'a>>);
 
-fn convert_messages<'a>(raw: &'a [Message<'a>]) -> Result<Converted<'a>, ApiError> {
+/// `raw` are the messages parsed from `src`.
+fn convert_messages<'a>(src: &'a str, raw: &'a [Message<'a>]) -> Result<Converted<'a>, ApiError> {
     let mut system = vec![];
     let mut contents: Vec<Turn> = Vec::with_capacity(raw.len());
-    // Tool call id → function name, for the `functionResponse` parts of tool messages.
-    let mut names: HashMap<&str, &str> = HashMap::new();
+    // (tool call id, function name), for the `functionResponse` parts of tool messages. A tool
+    // message answers one of the latest calls, so a list searched from its end (where a
+    // repeated id names its latest call, as a map would) beats hashing every id.
+    let mut names: Vec<(&str, &str)> = Vec::new();
     for m in raw {
         match m.role.as_ref() {
             "system" | "developer" => {
                 let text = text_of(&m.content);
                 if !text.is_empty() {
-                    system.push(Part::Text { text });
+                    system.push(Part::Text {
+                        text: out_text(src, text),
+                    });
                 }
             }
-            "user" => push_turn(&mut contents, "user", content_parts(&m.content)?),
+            "user" => push_turn(&mut contents, "user", content_parts(src, &m.content)?),
             "assistant" => {
-                let mut parts = content_parts(&m.content)?;
+                let mut parts = content_parts(src, &m.content)?;
                 for call in m.tool_calls.iter().flatten() {
                     let args = call.function.arguments.trim();
                     let args: &RawValue = if args.is_empty() {
@@ -404,13 +482,11 @@ fn convert_messages<'a>(raw: &'a [Message<'a>]) -> Result<Converted<'a>, ApiErro
                     };
                     let (_, signature) = split_call_id(&call.id);
                     parts.push(Part::FunctionCall {
-                        function_call: FunctionCall {
-                            name: &call.function.name,
-                            args,
-                        },
+                        name: &call.function.name,
+                        args,
                         thought_signature: signature,
                     });
-                    names.insert(&call.id, &call.function.name);
+                    names.push((&call.id, &call.function.name));
                 }
                 push_turn(&mut contents, "model", parts);
             }
@@ -418,7 +494,8 @@ fn convert_messages<'a>(raw: &'a [Message<'a>]) -> Result<Converted<'a>, ApiErro
                 let name = m
                     .tool_call_id
                     .as_deref()
-                    .and_then(|id| names.get(id).copied())
+                    .and_then(|id| names.iter().rev().find(|(call, _)| *call == id))
+                    .map(|&(_, name)| name)
                     .or(m.name.as_deref())
                     .ok_or_else(|| {
                         bad(format!(
@@ -431,12 +508,8 @@ fn convert_messages<'a>(raw: &'a [Message<'a>]) -> Result<Converted<'a>, ApiErro
                     &mut contents,
                     "user",
                     vec![Part::FunctionResponse {
-                        function_response: FunctionResponse {
-                            name,
-                            response: FunctionResult {
-                                content: text_of(&m.content),
-                            },
-                        },
+                        name,
+                        content: out_text(src, text_of(&m.content)),
                     }],
                 );
             }
@@ -582,20 +655,33 @@ impl<'de: 'a, 'a> Deserialize<'de> for Json<'a> {
     }
 }
 
-impl Serialize for Json<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl Json<'_> {
+    /// Writes the value as serde_json would serialize it.
+    fn write(&self, out: &mut Vec<u8>) {
         match self {
-            Json::Null => s.serialize_unit(),
-            Json::Bool(b) => s.serialize_bool(*b),
-            Json::Number(n) => n.serialize(s),
-            Json::Str(v) => s.serialize_str(v),
-            Json::Array(items) => s.collect_seq(items),
-            Json::Object(entries) => s.collect_map(entries.iter().map(|(k, v)| (k, v))),
+            Json::Null => out.extend_from_slice(b"null"),
+            Json::Bool(true) => out.extend_from_slice(b"true"),
+            Json::Bool(false) => out.extend_from_slice(b"false"),
+            Json::Number(n) => write_json(out, n),
+            Json::Str(v) => write_str(out, v),
+            Json::Array(items) => write_list(out, items, |out, item| item.write(out)),
+            Json::Object(entries) => {
+                out.push(b'{');
+                for (i, (k, v)) in entries.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_str(out, k);
+                    out.push(b':');
+                    v.write(out);
+                }
+                out.push(b'}');
+            }
         }
     }
 }
 
-/// A JSON Schema as Gemini's `Schema`, written out as it is serialized (nothing is copied):
+/// A JSON Schema as Gemini's `Schema`, cleaned as it is written out (nothing is copied):
 /// `$ref`s into `$defs` inlined, `type: [T, "null"]` as `nullable`, `const` as a one-value
 /// `enum`, `oneOf` as `anyOf`, unknown keywords dropped.
 #[derive(Clone, Copy)]
@@ -603,6 +689,42 @@ struct Schema<'v> {
     schema: &'v Json<'v>,
     defs: Option<&'v [(Cow<'v, str>, Json<'v>)]>,
     depth: usize,
+}
+
+/// What a JSON Schema keyword becomes in Gemini's `Schema`, decided by one `match` on the
+/// keyword (not a search of a list per key).
+#[derive(Clone, Copy)]
+enum KeywordKind {
+    /// `properties`.
+    Properties,
+    /// `items`.
+    Items,
+    /// `anyOf` or `oneOf`.
+    AnyOf,
+    /// `type`.
+    Type,
+    /// `const`.
+    Const,
+    /// Another key of Gemini's `Schema` (an OpenAPI subset): copied as it is.
+    Copy,
+    /// Anything else, which Gemini would refuse as an "Unknown name" (400): dropped.
+    Drop,
+}
+
+fn keyword_kind(key: &str) -> KeywordKind {
+    match key {
+        "properties" => KeywordKind::Properties,
+        "items" => KeywordKind::Items,
+        "anyOf" | "oneOf" => KeywordKind::AnyOf,
+        "type" => KeywordKind::Type,
+        "const" => KeywordKind::Const,
+        "format" | "title" | "description" | "nullable" | "enum" | "maxItems" | "minItems"
+        | "required" | "minProperties" | "maxProperties" | "minLength" | "maxLength"
+        | "pattern" | "example" | "propertyOrdering" | "default" | "minimum" | "maximum" => {
+            KeywordKind::Copy
+        }
+        _ => KeywordKind::Drop,
+    }
 }
 
 /// One keyword of a cleaned schema.
@@ -669,14 +791,28 @@ impl<'v> Schema<'v> {
         matches!(self.schema, Json::Object(_)) && self.depth > 16
     }
 
-    /// The cleaned keywords of an object schema, later ones replacing earlier ones of the
-    /// same name (`oneOf` over `anyOf`, `enum` over `const`).
-    fn keywords(&self) -> Vec<(&'v str, Keyword<'v>)> {
-        let Json::Object(obj) = self.schema else {
-            return vec![];
+    fn write(&self, out: &mut Vec<u8>) {
+        self.cleaned().write(out);
+    }
+
+    /// The schema cleaned: its keywords are worked out here, once, for both checking and
+    /// writing it out.
+    fn cleaned(self) -> Cleaned<'v> {
+        let keywords = match self.schema {
+            Json::Object(obj) if !self.too_deep() => self.keywords(obj),
+            _ => Vec::new(),
         };
-        // (keyword, the source keyword it came from, value)
-        let mut out: Vec<(&'v str, &'v str, Keyword<'v>)> = Vec::with_capacity(obj.len());
+        Cleaned {
+            schema: self,
+            keywords,
+        }
+    }
+
+    /// The cleaned keywords of an object schema (`obj`), later ones replacing earlier ones of
+    /// the same name (`oneOf` over `anyOf`, `enum` over `const`), each with the source keyword
+    /// it came from.
+    fn keywords(&self, obj: &'v [(Cow<'v, str>, Json<'v>)]) -> Vec<CleanKeyword<'v>> {
+        let mut out: Vec<CleanKeyword<'v>> = Vec::with_capacity(obj.len());
         for (k, v) in obj {
             let source: &'v str = k;
             // Of two sources of one keyword, the later in sorted order wins (`oneOf` over
@@ -687,19 +823,19 @@ impl<'v> Schema<'v> {
                     Some(_) => {}
                     None => out.push((key, source, kw)),
                 };
-            match source {
-                "properties" => {
+            match keyword_kind(source) {
+                KeywordKind::Properties => {
                     if let Json::Object(props) = v {
                         put("properties", Keyword::Properties(props));
                     }
                 }
-                "items" => put("items", Keyword::Schema(self.child(v))),
-                "anyOf" | "oneOf" => {
+                KeywordKind::Items => put("items", Keyword::Schema(self.child(v))),
+                KeywordKind::AnyOf => {
                     if let Json::Array(list) = v {
                         put("anyOf", Keyword::AnyOf(list));
                     }
                 }
-                "type" => match v {
+                KeywordKind::Type => match v {
                     Json::Array(types) => {
                         let kept: Vec<&Json<'v>> = types
                             .iter()
@@ -716,98 +852,91 @@ impl<'v> Schema<'v> {
                     }
                     other => put("type", Keyword::Copy(other)),
                 },
-                "const" => put("enum", Keyword::Const(v)),
-                key if SCHEMA_KEYS.contains(&key) => put(key, Keyword::Copy(v)),
-                _ => {}
+                KeywordKind::Const => put("enum", Keyword::Const(v)),
+                KeywordKind::Copy => put(source, Keyword::Copy(v)),
+                KeywordKind::Drop => {}
             }
         }
-        out.into_iter().map(|(k, _, kw)| (k, kw)).collect()
+        out
     }
+}
 
+/// A keyword of a cleaned schema: (keyword, the source keyword it came from, value).
+type CleanKeyword<'v> = (&'v str, &'v str, Keyword<'v>);
+
+/// A schema with its cleaned keywords (empty unless it is an object schema within depth).
+struct Cleaned<'v> {
+    schema: Schema<'v>,
+    keywords: Vec<CleanKeyword<'v>>,
+}
+
+impl Cleaned<'_> {
     /// Whether the cleaned schema is an OBJECT without properties, which Gemini rejects as
     /// function parameters.
     fn is_empty_object(&self) -> bool {
-        if self.too_deep() {
+        if self.schema.too_deep() {
             return true;
         }
-        let keywords = self.keywords();
-        let is_object = keywords.iter().any(|(k, kw)| {
+        let is_object = self.keywords.iter().any(|(k, _, kw)| {
             *k == "type" && matches!(kw, Keyword::Copy(t) if t.as_str() == Some("object"))
         });
         is_object
-            && keywords.iter().all(|(k, kw)| {
+            && self.keywords.iter().all(|(k, _, kw)| {
                 *k != "properties" || matches!(kw, Keyword::Properties(p) if p.is_empty())
             })
     }
-}
 
-impl Serialize for Schema<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        if !matches!(self.schema, Json::Object(_)) {
-            return self.schema.serialize(s);
+    fn write(&self, out: &mut Vec<u8>) {
+        let schema = &self.schema;
+        if !matches!(schema.schema, Json::Object(_)) {
+            return schema.schema.write(out);
         }
-        if self.too_deep() {
-            let mut map = s.serialize_map(Some(1))?;
-            map.serialize_entry("type", "object")?;
-            return map.end();
+        if schema.too_deep() {
+            out.extend_from_slice(br#"{"type":"object"}"#);
+            return;
         }
-        let keywords = self.keywords();
-        let mut map = s.serialize_map(Some(keywords.len()))?;
-        for (k, kw) in &keywords {
+        let mut object = ObjectWriter::new(out);
+        for (k, _, kw) in &self.keywords {
+            // Keywords are Gemini's own plain names: nothing to escape.
+            let out = object.field(k);
             match kw {
-                Keyword::Copy(v) => map.serialize_entry(k, v)?,
-                Keyword::Schema(sub) => map.serialize_entry(k, sub)?,
-                Keyword::Properties(props) => map.serialize_entry(k, &Properties(self, props))?,
-                Keyword::AnyOf(list) => map.serialize_entry(k, &AnyOf(self, list))?,
-                Keyword::True => map.serialize_entry(k, &true)?,
-                Keyword::Const(v) => map.serialize_entry(k, &[v])?,
-                Keyword::Types(types) => map.serialize_entry(k, &Types(types))?,
+                Keyword::Copy(v) => v.write(out),
+                Keyword::Schema(sub) => sub.write(out),
+                Keyword::Properties(props) => {
+                    out.push(b'{');
+                    for (i, (name, sub)) in props.iter().enumerate() {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        write_str(out, name);
+                        out.push(b':');
+                        schema.child(sub).write(out);
+                    }
+                    out.push(b'}');
+                }
+                Keyword::AnyOf(list) => {
+                    write_list(out, *list, |out, sub| schema.child(sub).write(out));
+                }
+                Keyword::True => out.extend_from_slice(b"true"),
+                Keyword::Const(v) => write_list(out, [v], |out, v| v.write(out)),
+                Keyword::Types(types) => write_list(out, types, |out, kind| {
+                    out.extend_from_slice(b"{\"type\":");
+                    kind.write(out);
+                    out.push(b'}');
+                }),
             }
         }
-        map.end()
-    }
-}
-
-/// `properties` of a cleaned schema.
-struct Properties<'s, 'v>(&'s Schema<'v>, &'v [(Cow<'v, str>, Json<'v>)]);
-
-impl Serialize for Properties<'_, '_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.1.iter().map(|(name, sub)| (name, self.0.child(sub))))
-    }
-}
-
-/// `anyOf` (or `oneOf`) of a cleaned schema.
-struct AnyOf<'s, 'v>(&'s Schema<'v>, &'v [Json<'v>]);
-
-impl Serialize for AnyOf<'_, '_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.1.iter().map(|sub| self.0.child(sub)))
-    }
-}
-
-/// Several types as `[{"type": T}, …]`.
-struct Types<'s, 'v>(&'s [&'v Json<'v>]);
-
-impl Serialize for Types<'_, '_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct OneType<'v> {
-            #[serde(rename = "type")]
-            kind: &'v Json<'v>,
-        }
-        s.collect_seq(self.0.iter().map(|kind| OneType { kind }))
+        object.end();
     }
 }
 
 /// An OpenAI tool: a function, or one of Gemini's own tools (`{"googleSearch": {}}`), which is
-/// passed through as sent.
+/// passed through as sent. `P`: how the function's parameters are read (see [`FunctionIn`]).
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ToolIn<'a> {
+#[serde(rename_all = "camelCase", bound(deserialize = "P: Deserialize<'de>"))]
+struct ToolIn<'a, P = &'a RawValue> {
     #[serde(default, borrow)]
-    function: Option<FunctionIn<'a>>,
+    function: Option<FunctionIn<'a, P>>,
     #[serde(default)]
     google_search: Option<serde::de::IgnoredAny>,
     #[serde(default)]
@@ -818,7 +947,7 @@ struct ToolIn<'a> {
     url_context: Option<serde::de::IgnoredAny>,
 }
 
-impl ToolIn<'_> {
+impl<P> ToolIn<'_, P> {
     fn is_native(&self) -> bool {
         self.google_search.is_some()
             || self.google_search_retrieval.is_some()
@@ -827,36 +956,61 @@ impl ToolIn<'_> {
     }
 }
 
-/// An OpenAI function (the `function` of a tool, or a legacy `functions` entry).
+/// An OpenAI function (the `function` of a tool, or a legacy `functions` entry). `P` is how its
+/// parameters are read: as raw JSON, or parsed ([`Json`]) to be cleaned.
 #[derive(Deserialize)]
-struct FunctionIn<'a> {
+#[serde(bound(deserialize = "P: Deserialize<'de>"))]
+struct FunctionIn<'a, P = &'a RawValue> {
     #[serde(default, borrow)]
     name: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     description: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    parameters: Option<&'a RawValue>,
+    #[serde(default)]
+    parameters: Option<P>,
 }
 
-/// A Gemini `Tool`: function declarations, or one of Gemini's own tools passed through.
-#[derive(Serialize)]
-#[serde(untagged)]
+/// A Gemini `Tool`: function declarations (`{"functionDeclarations": […]}`), or one of
+/// Gemini's own tools passed through.
 enum Tool<'a> {
-    Functions {
-        #[serde(rename = "functionDeclarations")]
-        function_declarations: Vec<Declaration<'a>>,
-    },
+    Functions(Vec<Declaration<'a>>),
     Native(&'a RawValue),
 }
 
-/// A function declaration; the description is copied through as raw JSON.
-#[derive(Serialize)]
+impl Tool<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Tool::Functions(declarations) => {
+                out.extend_from_slice(b"{\"functionDeclarations\":");
+                write_list(out, declarations, |out, d| d.write(out));
+                out.push(b'}');
+            }
+            Tool::Native(raw) => out.extend_from_slice(raw.get().as_bytes()),
+        }
+    }
+}
+
+/// A function declaration (`{"name": …, "description": …, "parameters": …}`, the last two
+/// left out when absent); the description is copied through as raw JSON.
 struct Declaration<'a> {
     name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     description: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<Schema<'a>>,
+    parameters: Option<Cleaned<'a>>,
+}
+
+impl Declaration<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"name\":");
+        write_str(out, self.name);
+        if let Some(description) = self.description {
+            out.extend_from_slice(b",\"description\":");
+            out.extend_from_slice(description.get().as_bytes());
+        }
+        if let Some(parameters) = &self.parameters {
+            out.extend_from_slice(b",\"parameters\":");
+            parameters.write(out);
+        }
+        out.push(b'}');
+    }
 }
 
 /// A list field of the body (`tools`, `functions`) as `T`s; absent or `null` is empty.
@@ -871,12 +1025,46 @@ fn list_field<'a, T: Deserialize<'a>>(
     }
 }
 
+/// The client's functions (`tools`, then the legacy `functions`), their parameters parsed, and
+/// Gemini's own tools (passed through as sent).
+fn parse_tools<'a>(body: &'a RequestBody<'_>) -> Result<Functions<'a>, ApiError> {
+    // One pass, parameters included.
+    if let (Ok(tools), Ok(functions)) = (list_field(body, "tools"), list_field(body, "functions")) {
+        return split_tools(body, tools, functions);
+    }
+    // Something does not parse: the tools as raw JSON first, then each function's parameters,
+    // so that the error is the one these steps have always reported.
+    let (functions, native): Functions<&RawValue> = split_tools(
+        body,
+        list_field(body, "tools")?,
+        list_field(body, "functions")?,
+    )?;
+    let functions = functions
+        .into_iter()
+        .map(|f| {
+            Ok(FunctionIn {
+                name: f.name,
+                description: f.description,
+                parameters: f
+                    .parameters
+                    .map(|p| serde_json::from_str::<Json>(p.get()))
+                    .transpose()?,
+            })
+        })
+        .collect::<Result<_, serde_json::Error>>()
+        .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools"))?;
+    Ok((functions, native))
+}
+
+/// The client's functions and Gemini's own tools.
+type Functions<'a, P = Json<'a>> = (Vec<FunctionIn<'a, P>>, Vec<&'a RawValue>);
+
 /// Splits the client's tools into functions and Gemini's own tools (passed through as sent).
-fn split_tools<'a>(
+fn split_tools<'a, P>(
     body: &'a RequestBody<'_>,
-) -> Result<(Vec<FunctionIn<'a>>, Vec<&'a RawValue>), ApiError> {
-    let tools: Vec<ToolIn> = list_field(body, "tools")?;
-    let functions: Vec<FunctionIn> = list_field(body, "functions")?;
+    tools: Vec<ToolIn<'a, P>>,
+    functions: Vec<FunctionIn<'a, P>>,
+) -> Result<Functions<'a, P>, ApiError> {
     let mut declared = Vec::with_capacity(tools.len() + functions.len());
     let mut native = vec![];
     let mut raw: Option<Vec<&RawValue>> = None;
@@ -897,15 +1085,13 @@ fn split_tools<'a>(
     Ok((declared, native))
 }
 
-/// Function declarations; `schemas` holds each function's parameters, parsed.
+/// Function declarations.
 fn declarations<'a>(
-    functions: &'a [FunctionIn<'a>],
-    schemas: &'a [Option<Json<'a>>],
+    functions: &'a [FunctionIn<'a, Json<'a>>],
 ) -> Result<Vec<Declaration<'a>>, ApiError> {
     functions
         .iter()
-        .zip(schemas)
-        .map(|(f, schema)| {
+        .map(|f| {
             let name = f
                 .name
                 .as_deref()
@@ -915,9 +1101,10 @@ fn declarations<'a>(
                 description: f.description,
                 // Gemini rejects an OBJECT schema without properties: a function without
                 // arguments simply has no `parameters`.
-                parameters: schema
+                parameters: f
+                    .parameters
                     .as_ref()
-                    .map(Schema::new)
+                    .map(|schema| Schema::new(schema).cleaned())
                     .filter(|s| !s.is_empty_object()),
             })
         })
@@ -993,55 +1180,62 @@ fn thinking_config(body: &RequestBody<'_>) -> Result<Option<Value>, ApiError> {
     Ok(None)
 }
 
-/// The `generateContent` request body.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
+/// The `generateContent` request body: `{"contents": …, "systemInstruction": {"parts": …},
+/// "generationConfig": …, "tools": …, "toolConfig": …, "safetySettings": …}`, the optional
+/// fields left out when empty.
 struct GenerateContent<'a> {
     contents: Vec<Turn<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    system_instruction: Option<SystemInstruction<'a>>,
-    #[serde(skip_serializing_if = "GenerationConfig::is_empty")]
+    /// The parts of `systemInstruction`.
+    system: Vec<Part<'a>>,
     generation_config: GenerationConfig<'a>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     tools: Vec<Tool<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     tool_config: Option<ToolConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     safety_settings: Option<&'a RawValue>,
 }
 
-#[derive(Serialize)]
-struct SystemInstruction<'a> {
-    parts: Vec<Part<'a>>,
+impl GenerateContent<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"contents\":");
+        write_list(out, &self.contents, |out, turn| turn.write(out));
+        if !self.system.is_empty() {
+            out.extend_from_slice(b",\"systemInstruction\":{\"parts\":");
+            write_parts(out, &self.system);
+            out.push(b'}');
+        }
+        if !self.generation_config.is_empty() {
+            out.extend_from_slice(b",\"generationConfig\":");
+            self.generation_config.write(out);
+        }
+        if !self.tools.is_empty() {
+            out.extend_from_slice(b",\"tools\":");
+            write_list(out, &self.tools, |out, tool| tool.write(out));
+        }
+        if let Some(config) = &self.tool_config {
+            out.extend_from_slice(b",\"toolConfig\":");
+            write_json(out, config);
+        }
+        if let Some(settings) = self.safety_settings {
+            out.extend_from_slice(b",\"safetySettings\":");
+            out.extend_from_slice(settings.get().as_bytes());
+        }
+        out.push(b'}');
+    }
 }
 
 /// `generationConfig`; sampling parameters are copied through as raw JSON.
-#[derive(Serialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[derive(Default)]
 struct GenerationConfig<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     top_k: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     candidate_count: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     presence_penalty: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     frequency_penalty: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     max_output_tokens: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     stop_sequences: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     response_mime_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     response_schema: Option<Schema<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     thinking_config: Option<Value>,
 }
 
@@ -1059,6 +1253,41 @@ impl GenerationConfig<'_> {
             && self.response_mime_type.is_none()
             && self.response_schema.is_none()
             && self.thinking_config.is_none()
+    }
+
+    /// The config as JSON, its fields in camelCase and those not set left out.
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut object = ObjectWriter::new(out);
+        let raw = [
+            ("temperature", self.temperature),
+            ("topP", self.top_p),
+            ("topK", self.top_k),
+            ("candidateCount", self.candidate_count),
+            ("presencePenalty", self.presence_penalty),
+            ("frequencyPenalty", self.frequency_penalty),
+            ("seed", self.seed),
+        ];
+        for (key, value) in raw {
+            if let Some(value) = value {
+                object.field(key).extend_from_slice(value.get().as_bytes());
+            }
+        }
+        if let Some(max) = self.max_output_tokens {
+            write_json(object.field("maxOutputTokens"), &max);
+        }
+        if let Some(stop) = &self.stop_sequences {
+            write_json(object.field("stopSequences"), stop);
+        }
+        if let Some(mime) = self.response_mime_type {
+            write_str(object.field("responseMimeType"), mime);
+        }
+        if let Some(schema) = &self.response_schema {
+            schema.write(object.field("responseSchema"));
+        }
+        if let Some(thinking) = &self.thinking_config {
+            write_json(object.field("thinkingConfig"), thinking);
+        }
+        object.end();
     }
 }
 
@@ -1088,9 +1317,9 @@ fn provider_param<'a>(d: &'a Deployment, key: &str) -> Option<&'a str> {
 
 /// The Vertex project: `vertex_project`, else the `project_id` of inline service-account
 /// credentials.
-fn vertex_project(d: &Deployment) -> Option<String> {
+fn vertex_project(d: &Deployment) -> Option<Cow<'_, str>> {
     if let Some(p) = provider_param(d, "vertex_project") {
-        return Some(p.to_string());
+        return Some(Cow::Borrowed(p));
     }
     let creds = match d.provider_params.get("vertex_credentials")? {
         Value::String(s) => serde_json::from_str::<Value>(s).ok()?,
@@ -1099,7 +1328,7 @@ fn vertex_project(d: &Deployment) -> Option<String> {
     creds
         .get("project_id")
         .and_then(Value::as_str)
-        .map(str::to_string)
+        .map(|p| Cow::Owned(p.to_string()))
 }
 
 fn vertex_location(d: &Deployment) -> &str {
@@ -1124,8 +1353,9 @@ fn model_path(d: &Deployment, model: &str, vertex: bool, method: &str) -> Result
     if !path_safe(model) {
         return Err(bad(format!("Invalid Gemini model name: {model}")).with_param("model"));
     }
+    // Joined, not formatted: this runs for every request.
     if !vertex {
-        return Ok(format!("/v1beta/models/{model}:{method}"));
+        return Ok(["/v1beta/models/", model, ":", method].concat());
     }
     let config_error = |msg: String| ApiError::new(500, "internal_server_error", msg);
     let project = vertex_project(d).ok_or_else(|| {
@@ -1141,9 +1371,17 @@ fn model_path(d: &Deployment, model: &str, vertex: bool, method: &str) -> Result
             d.model_name
         )));
     }
-    Ok(format!(
-        "/v1/projects/{project}/locations/{location}/publishers/google/models/{model}:{method}"
-    ))
+    Ok([
+        "/v1/projects/",
+        &project,
+        "/locations/",
+        location,
+        "/publishers/google/models/",
+        model,
+        ":",
+        method,
+    ]
+    .concat())
 }
 
 fn headers(d: &Deployment, vertex: bool) -> Vec<(String, String)> {
@@ -1220,9 +1458,9 @@ fn chat_request(
     }
     check_unsupported(unsupported, upstream_model, opts)?;
 
-    let messages_len = body.raw("messages").map_or(0, str::len);
+    let raw_messages = body.raw("messages").unwrap_or_default();
     let messages: Vec<Message> = list_field(body, "messages")?;
-    let (system, contents) = convert_messages(&messages)?;
+    let (system, contents) = convert_messages(raw_messages, &messages)?;
 
     let mut config = GenerationConfig {
         temperature: raw_field(body, "temperature")?,
@@ -1279,22 +1517,11 @@ fn chat_request(
     config.thinking_config = thinking_config(body)?;
 
     let tools_len = body.raw("tools").map_or(0, str::len);
-    let (functions, native) = split_tools(body)?;
-    let schemas = functions
-        .iter()
-        .map(|f| {
-            f.parameters
-                .map(|p| serde_json::from_str::<Json>(p.get()))
-                .transpose()
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools"))?;
-    let declarations = declarations(&functions, &schemas)?;
+    let (functions, native) = parse_tools(body)?;
+    let declarations = declarations(&functions)?;
     let mut tools = Vec::with_capacity(1 + native.len());
     if !declarations.is_empty() {
-        tools.push(Tool::Functions {
-            function_declarations: declarations,
-        });
+        tools.push(Tool::Functions(declarations));
     }
     tools.extend(native.into_iter().map(Tool::Native));
     let tool_config = match parse_field::<Value>(body, "tool_choice")? {
@@ -1304,7 +1531,7 @@ fn chat_request(
 
     let out = GenerateContent {
         contents,
-        system_instruction: (!system.is_empty()).then_some(SystemInstruction { parts: system }),
+        system,
         generation_config: config,
         tools,
         tool_config,
@@ -1320,8 +1547,8 @@ fn chat_request(
         headers: headers(d, vertex),
         body: {
             // Sized once: the output is about as long as the client's messages and tools.
-            let mut bytes = Vec::with_capacity(messages_len + tools_len + 256);
-            serde_json::to_writer(&mut bytes, &out).expect("json serializes");
+            let mut bytes = Vec::with_capacity(raw_messages.len() + tools_len + 256);
+            out.write(&mut bytes);
             bytes
         },
         injected_stream_usage: false,
