@@ -1,6 +1,8 @@
 //! The spend writer: requests hand their spend row to a bounded channel and never wait; one
 //! background task writes rows in batches (every `proxy_batch_write_at`, or sooner when a batch
-//! fills). A failed write keeps its rows, in order, in a bounded buffer and retries with backoff,
+//! fills). The writer does not wait on the channel itself: that would wake its thread once per
+//! request, and at thousands of requests a second those wakeups cost more than the writes. It
+//! sleeps until the interval ends or a batch's worth of rows is queued, then drains the channel. A failed write keeps its rows, in order, in a bounded buffer and retries with backoff,
 //! so a database outage loses nothing; shutdown flushes what is left.
 
 use std::collections::VecDeque;
@@ -36,6 +38,8 @@ pub struct SpendWriter {
     tx: mpsc::Sender<Msg>,
     /// Rows accepted and not yet written (`litellm_in_memory_spend_update_queue_size`).
     pub queued: Arc<AtomicI64>,
+    /// Wakes the writer before its interval ends (a full batch, a flush, a reset).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl SpendWriter {
@@ -46,18 +50,30 @@ impl SpendWriter {
     ) -> Self {
         let (tx, rx) = mpsc::channel(CHANNEL);
         let queued = Arc::new(AtomicI64::new(0));
-        tokio::spawn(run(store, rx, interval, queued.clone(), dropped));
-        SpendWriter { tx, queued }
+        let wake = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(run(
+            store,
+            rx,
+            interval,
+            queued.clone(),
+            wake.clone(),
+            dropped,
+        ));
+        SpendWriter { tx, queued, wake }
     }
 
     /// Queues a row without waiting.
     pub fn push(&self, row: SpendRow) {
-        self.queued.fetch_add(1, Ordering::Relaxed);
+        let queued = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
         self.send(Msg::Row(Box::new(row)));
+        if queued % BATCH as i64 == 0 {
+            self.wake.notify_one();
+        }
     }
 
     pub fn reset(&self, kind: Kind, id: String, doc: Value) {
         self.send(Msg::Reset(kind, id, doc));
+        self.wake.notify_one();
     }
 
     fn send(&self, msg: Msg) {
@@ -77,6 +93,7 @@ impl SpendWriter {
         if self.tx.send(Msg::Flush(tx)).await.is_err() {
             return self.queued.load(Ordering::Relaxed).max(0) as usize;
         }
+        self.wake.notify_one();
         match tokio::time::timeout(deadline, rx).await {
             Ok(Ok(left)) => left,
             _ => self.queued.load(Ordering::Relaxed).max(0) as usize,
@@ -89,6 +106,7 @@ async fn run(
     mut rx: mpsc::Receiver<Msg>,
     interval: Duration,
     queued: Arc<AtomicI64>,
+    wake: Arc<tokio::sync::Notify>,
     dropped: prometheus::IntCounter,
 ) {
     let mut pending: VecDeque<Op> = VecDeque::new();
@@ -104,18 +122,18 @@ async fn run(
             Msg::Flush(tx) => flush_waiter = Some(tx),
         };
         let tick = tokio::select! {
-            m = rx.recv() => match m {
-                Some(m) => { take(m, &mut pending); false }
-                None => {
+            _ = wake.notified() => false,
+            _ = ticker.tick() => true,
+        };
+        loop {
+            match rx.try_recv() {
+                Ok(m) => take(m, &mut pending),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
                     write_all(&*store, &mut pending, &queued).await;
                     return;
                 }
-            },
-            _ = ticker.tick() => true,
-        };
-        // Take whatever else is already waiting so batches fill up under load.
-        while let Ok(m) = rx.try_recv() {
-            take(m, &mut pending);
+            }
         }
         while pending.len() > MAX_PENDING {
             if let Some(Op::Row(_)) = pending.pop_front() {
@@ -158,19 +176,25 @@ async fn write_all(store: &dyn Store, pending: &mut VecDeque<Op>, queued: &Atomi
                 pending.pop_front();
             }
             Op::Row(_) => {
-                let rows: Vec<SpendRow> = pending
-                    .iter()
-                    .take(BATCH)
-                    .map_while(|op| match op {
-                        Op::Row(r) => Some((**r).clone()),
-                        Op::Reset(..) => None,
-                    })
-                    .collect();
+                // Rows move out for the write and back in front if it fails (no copies).
+                let mut rows: Vec<SpendRow> = Vec::with_capacity(BATCH.min(pending.len()));
+                while rows.len() < BATCH {
+                    match pending.pop_front() {
+                        Some(Op::Row(r)) => rows.push(*r),
+                        Some(other) => {
+                            pending.push_front(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
                 if let Err(e) = store.write_spend(&rows).await {
                     tracing::warn!(error = %e, rows = rows.len(), "spend rows not written yet; kept for retry");
+                    for r in rows.into_iter().rev() {
+                        pending.push_front(Op::Row(Box::new(r)));
+                    }
                     return false;
                 }
-                pending.drain(..rows.len());
                 queued.fetch_sub(rows.len() as i64, Ordering::Relaxed);
             }
         }
