@@ -690,38 +690,70 @@ async fn key_regenerate(t: &Tenancy, body: Map<String, Value>) -> Out {
     Ok(Value::Object(doc))
 }
 
-async fn user_new(t: &Tenancy, mut body: Map<String, Value>) -> Out {
+/// Creates a user, team, end user or budget from its management body: the id (given, else a
+/// new uuid when `generated` is allowed), `created_at` and the first budget reset, validated as
+/// `T` before anything is stored. An existing id is a 400.
+fn create<T: serde::de::DeserializeOwned>(
+    kind: Kind,
+    body: &mut Map<String, Value>,
+    id_field: &str,
+    generated: bool,
+) -> Result<(String, T), ApiError> {
     let now = Utc::now();
-    let user_id = body
-        .get("user_id")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let id = match body.get(id_field).and_then(Value::as_str) {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ if generated => uuid::Uuid::new_v4().to_string(),
+        _ => {
+            return Err(
+                ApiError::bad_request(format!("Missing required parameter: '{id_field}'"))
+                    .with_param(id_field),
+            )
+        }
+    };
+    body.insert(id_field.into(), json!(id));
+    body.insert("created_at".into(), json!(now));
+    body.remove("spend");
+    apply_budget_duration(body, now)?;
+    let record: T = typed(body, kind_title(kind))?;
+    Ok((id, record))
+}
+
+/// Stores what [`create`] validated.
+async fn store_new(
+    t: &Tenancy,
+    kind: Kind,
+    id: &str,
+    body: Map<String, Value>,
+    id_field: &str,
+) -> Result<(), ApiError> {
+    if !t
+        .store
+        .insert(kind, id, &Value::Object(body))
+        .await
+        .map_err(store_error)?
+    {
+        return Err(ApiError::bad_request(format!(
+            "{} already exists: {id_field}={id}",
+            kind_title(kind)
+        ))
+        .with_param(id_field));
+    }
+    t.invalidate(kind, id);
+    Ok(())
+}
+
+async fn user_new(t: &Tenancy, mut body: Map<String, Value>) -> Out {
     let auto_key = body
         .remove("auto_create_key")
         .and_then(|v| v.as_bool())
         .unwrap_or(true);
-    body.insert("user_id".into(), json!(user_id));
-    body.insert("created_at".into(), json!(now));
-    body.remove("spend");
-    apply_budget_duration(&mut body, now)?;
-    let record: UserRecord = typed(&body, "user")?;
+    let (user_id, record): (String, UserRecord) = create(Kind::User, &mut body, "user_id", true)?;
     let key_fields: Map<String, Value> = body
         .iter()
         .filter(|(k, _)| matches!(k.as_str(), "key_alias" | "duration" | "metadata"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    if !t
-        .store
-        .insert(Kind::User, &user_id, &Value::Object(body))
-        .await
-        .map_err(store_error)?
-    {
-        return Err(
-            ApiError::bad_request(format!("User already exists: user_id={user_id}"))
-                .with_param("user_id"),
-        );
-    }
+    store_new(t, Kind::User, &user_id, body, "user_id").await?;
     let mut out = serde_json::to_value(&record).expect("json");
     if auto_key {
         let mut kb = key_fields;
@@ -860,28 +892,8 @@ async fn list_of(t: &Tenancy, kind: Kind, name: &str) -> Out {
 }
 
 async fn team_new(t: &Tenancy, mut body: Map<String, Value>) -> Out {
-    let now = Utc::now();
-    let team_id = body
-        .get("team_id")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    body.insert("team_id".into(), json!(team_id));
-    body.insert("created_at".into(), json!(now));
-    body.remove("spend");
-    apply_budget_duration(&mut body, now)?;
-    let record: TeamRecord = typed(&body, "team")?;
-    if !t
-        .store
-        .insert(Kind::Team, &team_id, &Value::Object(body))
-        .await
-        .map_err(store_error)?
-    {
-        return Err(
-            ApiError::bad_request(format!("Team already exists: team_id={team_id}"))
-                .with_param("team_id"),
-        );
-    }
+    let (team_id, record): (String, TeamRecord) = create(Kind::Team, &mut body, "team_id", true)?;
+    store_new(t, Kind::Team, &team_id, body, "team_id").await?;
     Ok(serde_json::to_value(record).expect("json"))
 }
 
@@ -1012,12 +1024,8 @@ async fn team_member_delete(t: &Tenancy, body: Map<String, Value>) -> Out {
 }
 
 async fn customer_new(t: &Tenancy, mut body: Map<String, Value>) -> Out {
-    let id = required_str(&body, "user_id")?;
-    let now = Utc::now();
-    body.insert("created_at".into(), json!(now));
-    body.remove("spend");
-    apply_budget_duration(&mut body, now)?;
-    let record: CustomerRecord = typed(&body, "end user")?;
+    let (id, record): (String, CustomerRecord) =
+        create(Kind::Customer, &mut body, "user_id", false)?;
     if let Some(region) = &record.allowed_model_region {
         if region != "eu" && region != "us" {
             return Err(
@@ -1026,18 +1034,7 @@ async fn customer_new(t: &Tenancy, mut body: Map<String, Value>) -> Out {
             );
         }
     }
-    if !t
-        .store
-        .insert(Kind::Customer, &id, &Value::Object(body))
-        .await
-        .map_err(store_error)?
-    {
-        return Err(
-            ApiError::bad_request(format!("End user already exists: user_id={id}"))
-                .with_param("user_id"),
-        );
-    }
-    t.invalidate(Kind::Customer, &id);
+    store_new(t, Kind::Customer, &id, body, "user_id").await?;
     Ok(serde_json::to_value(record).expect("json"))
 }
 
@@ -1079,27 +1076,8 @@ async fn customers_set_blocked(t: &Tenancy, body: &Map<String, Value>, blocked: 
 }
 
 async fn budget_new(t: &Tenancy, mut body: Map<String, Value>) -> Out {
-    let now = Utc::now();
-    let id = body
-        .get("budget_id")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    body.insert("budget_id".into(), json!(id));
-    body.insert("created_at".into(), json!(now));
-    apply_budget_duration(&mut body, now)?;
-    let record: BudgetRecord = typed(&body, "budget")?;
-    if !t
-        .store
-        .insert(Kind::Budget, &id, &Value::Object(body))
-        .await
-        .map_err(store_error)?
-    {
-        return Err(
-            ApiError::bad_request(format!("Budget already exists: budget_id={id}"))
-                .with_param("budget_id"),
-        );
-    }
+    let (id, record): (String, BudgetRecord) = create(Kind::Budget, &mut body, "budget_id", true)?;
+    store_new(t, Kind::Budget, &id, body, "budget_id").await?;
     Ok(serde_json::to_value(record).expect("json"))
 }
 
