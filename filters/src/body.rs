@@ -12,14 +12,15 @@ use crate::error::ApiError;
 
 #[derive(Debug, Clone)]
 enum Field<'a> {
-    Raw(&'a RawValue),
+    /// The client's JSON text of the value (valid JSON: the whole body was checked once).
+    Raw(&'a str),
     Owned(String),
 }
 
 impl Field<'_> {
     fn json(&self) -> &str {
         match self {
-            Field::Raw(r) => r.get(),
+            Field::Raw(r) => r,
             Field::Owned(s) => s,
         }
     }
@@ -68,7 +69,7 @@ impl<'de> serde::Deserialize<'de> for Fields<'de> {
                     let v: &'de RawValue = map.next_value()?;
                     // A repeated key: the last one wins, as in most JSON parsers.
                     out.retain(|(existing, _): &(Cow<str>, Field)| existing != &k);
-                    out.push((k, Field::Raw(v)));
+                    out.push((k, Field::Raw(v.get())));
                 }
                 Ok(Fields(out))
             }
@@ -85,6 +86,12 @@ impl<'a> RequestBody<'a> {
                 "Invalid request body: expected a JSON object, got an empty body",
             ));
         }
+        // The common case: valid UTF-8 (checked once, for the whole body) and JSON that the
+        // scanner below accepts. Anything else (a malformed body, a key with escapes, deep
+        // nesting) goes through serde_json, which gives the error or the same fields.
+        if let Some(fields) = std::str::from_utf8(bytes).ok().and_then(scan_object) {
+            return Ok(RequestBody { fields });
+        }
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let fields = <Fields as serde::Deserialize>::deserialize(&mut de)
             .and_then(|f| de.end().map(|_| f))
@@ -92,6 +99,12 @@ impl<'a> RequestBody<'a> {
                 ApiError::bad_request(format!("Invalid request body: malformed JSON: {e}"))
             })?;
         Ok(RequestBody { fields: fields.0 })
+    }
+
+    /// Every field as (name, raw JSON text), in the client's order: one pass for translators
+    /// that read many fields (instead of a search per field).
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.fields.iter().map(|(k, v)| (k.as_ref(), v.json()))
     }
 
     fn find(&self, key: &str) -> Option<&Field<'a>> {
@@ -185,6 +198,250 @@ impl<'a> RequestBody<'a> {
         }
         out.push(b'}');
         out
+    }
+}
+
+type FieldList<'a> = Vec<(Cow<'a, str>, Field<'a>)>;
+
+/// The top-level fields of a JSON object body, or `None` where serde_json must decide (any
+/// malformed JSON, a key with escapes, nesting deeper than 64). Accepts exactly the JSON that
+/// serde_json accepts (`src` is already valid UTF-8), and keeps what it would keep: each key
+/// and the text of its value, the last of repeated keys.
+fn scan_object(src: &str) -> Option<FieldList<'_>> {
+    let mut s = Scanner {
+        b: src.as_bytes(),
+        i: 0,
+    };
+    s.ws();
+    s.eat(b'{').then_some(())?;
+    s.ws();
+    let mut out: FieldList = Vec::with_capacity(16);
+    if !s.eat(b'}') {
+        loop {
+            s.eat(b'"').then_some(())?;
+            let start = s.i;
+            if s.string()? {
+                return None;
+            }
+            let key = &src[start..s.i - 1];
+            s.ws();
+            s.eat(b':').then_some(())?;
+            s.ws();
+            let start = s.i;
+            s.value()?;
+            // A repeated key: the last one wins, as in most JSON parsers.
+            if out.iter().any(|(k, _)| k == key) {
+                out.retain(|(k, _)| k != key);
+            }
+            out.push((Cow::Borrowed(key), Field::Raw(&src[start..s.i])));
+            s.ws();
+            if s.eat(b'}') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    s.ws();
+    (s.i == s.b.len()).then_some(out)
+}
+
+/// The index of the first `"`, `\` or control character of `b`: eight bytes at a time, each
+/// test a borrow into a byte's high bit (the lowest flagged byte is always a real hit).
+#[inline(always)]
+fn find_special(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES << 7;
+    let hits = |chunk: &[u8]| {
+        let x = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let quote = x ^ (ONES * u64::from(b'"'));
+        let backslash = x ^ (ONES * u64::from(b'\\'));
+        (x.wrapping_sub(ONES * 0x20) & !x
+            | quote.wrapping_sub(ONES) & !quote
+            | backslash.wrapping_sub(ONES) & !backslash)
+            & HIGH
+    };
+    let mut at = 0;
+    while let Some(chunk) = b.get(at..at + 8) {
+        let m = hits(chunk);
+        if m != 0 {
+            return Some(at + m.trailing_zeros() as usize / 8);
+        }
+        at += 8;
+    }
+    b[at..]
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+        .map(|p| at + p)
+}
+
+/// A strict JSON scanner over bytes (JSON's grammar; strings are checked for control
+/// characters and escapes, UTF-8 was checked before).
+struct Scanner<'b> {
+    b: &'b [u8],
+    i: usize,
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        let hit = self.peek() == Some(c);
+        self.i += usize::from(hit);
+        hit
+    }
+
+    /// JSON whitespace (what serde_json skips).
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    /// The rest of a string whose opening quote is eaten; whether it had escapes.
+    fn string(&mut self) -> Option<bool> {
+        let mut escaped = false;
+        loop {
+            let rest = &self.b[self.i..];
+            let at = find_special(rest)?;
+            self.i += at + 1;
+            match rest[at] {
+                b'"' => return Some(escaped),
+                b'\\' => {}
+                _ => return None,
+            }
+            escaped = true;
+            match rest.get(at + 1)? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
+                b'u' => {
+                    let hex = rest.get(at + 2..at + 6)?;
+                    if !hex.iter().all(u8::is_ascii_hexdigit) {
+                        return None;
+                    }
+                    self.i += 5;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    /// A number (its first byte not yet eaten).
+    fn number(&mut self) -> Option<()> {
+        self.eat(b'-');
+        match self.peek()? {
+            b'0' => {
+                self.i += 1;
+                if let Some(b'0'..=b'9') = self.peek() {
+                    return None;
+                }
+            }
+            b'1'..=b'9' => {
+                self.digits();
+            }
+            _ => return None,
+        }
+        if self.eat(b'.') && self.digits() == 0 {
+            return None;
+        }
+        if self.eat(b'e') || self.eat(b'E') {
+            if !self.eat(b'+') {
+                self.eat(b'-');
+            }
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        Some(())
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.i + word.len();
+        (self.b.get(self.i..end)? == word).then(|| self.i = end)
+    }
+
+    /// One value, the scanner at its first byte (no whitespace before it). Nesting is kept
+    /// as bits (1: an object), without recursion.
+    fn value(&mut self) -> Option<()> {
+        let mut stack: u64 = 0;
+        let mut depth = 0u32;
+        loop {
+            // A value, or the opening of a container.
+            match self.peek()? {
+                b'"' => {
+                    self.i += 1;
+                    self.string()?;
+                }
+                open @ (b'{' | b'[') => {
+                    self.i += 1;
+                    self.ws();
+                    let object = open == b'{';
+                    if !self.eat(if object { b'}' } else { b']' }) {
+                        if depth == 64 {
+                            return None;
+                        }
+                        stack = stack << 1 | u64::from(object);
+                        depth += 1;
+                        if object {
+                            self.key()?;
+                        }
+                        continue;
+                    }
+                }
+                b't' => self.literal(b"true")?,
+                b'f' => self.literal(b"false")?,
+                b'n' => self.literal(b"null")?,
+                b'-' | b'0'..=b'9' => self.number()?,
+                _ => return None,
+            }
+            // After a value: a comma (then the next value) or the ends of containers.
+            loop {
+                if depth == 0 {
+                    return Some(());
+                }
+                self.ws();
+                let object = stack & 1 == 1;
+                match self.peek()? {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                        if object {
+                            self.key()?;
+                        }
+                        break;
+                    }
+                    b'}' if object => {}
+                    b']' if !object => {}
+                    _ => return None,
+                }
+                self.i += 1;
+                stack >>= 1;
+                depth -= 1;
+            }
+        }
+    }
+
+    /// `"key" :` and the whitespace after it (the scanner at the key's quote).
+    fn key(&mut self) -> Option<()> {
+        if !self.eat(b'"') {
+            return None;
+        }
+        self.string()?;
+        self.ws();
+        if !self.eat(b':') {
+            return None;
+        }
+        self.ws();
+        Some(())
     }
 }
 

@@ -1013,12 +1013,10 @@ impl Declaration<'_> {
     }
 }
 
-/// A list field of the body (`tools`, `functions`) as `T`s; absent or `null` is empty.
-fn list_field<'a, T: Deserialize<'a>>(
-    body: &'a RequestBody<'_>,
-    key: &str,
-) -> Result<Vec<T>, ApiError> {
-    match body.raw(key) {
+/// A list field of the body (`tools`, `functions`; `raw` its JSON) as `T`s; absent or `null`
+/// is empty.
+fn list_field<'a, T: Deserialize<'a>>(raw: Option<&'a str>, key: &str) -> Result<Vec<T>, ApiError> {
+    match raw {
         None | Some("null") => Ok(vec![]),
         Some(raw) => serde_json::from_str(raw)
             .map_err(|e| bad(format!("Invalid request body: `{key}`: {e}")).with_param(key)),
@@ -1027,17 +1025,24 @@ fn list_field<'a, T: Deserialize<'a>>(
 
 /// The client's functions (`tools`, then the legacy `functions`), their parameters parsed, and
 /// Gemini's own tools (passed through as sent).
-fn parse_tools<'a>(body: &'a RequestBody<'_>) -> Result<Functions<'a>, ApiError> {
+fn parse_tools<'a>(
+    tools: Option<&'a str>,
+    functions: Option<&'a str>,
+) -> Result<Functions<'a>, ApiError> {
+    let body = tools;
     // One pass, parameters included.
-    if let (Ok(tools), Ok(functions)) = (list_field(body, "tools"), list_field(body, "functions")) {
+    if let (Ok(tools), Ok(functions)) = (
+        list_field(tools, "tools"),
+        list_field(functions, "functions"),
+    ) {
         return split_tools(body, tools, functions);
     }
     // Something does not parse: the tools as raw JSON first, then each function's parameters,
     // so that the error is the one these steps have always reported.
     let (functions, native): Functions<&RawValue> = split_tools(
         body,
-        list_field(body, "tools")?,
-        list_field(body, "functions")?,
+        list_field(tools, "tools")?,
+        list_field(functions, "functions")?,
     )?;
     let functions = functions
         .into_iter()
@@ -1059,9 +1064,10 @@ fn parse_tools<'a>(body: &'a RequestBody<'_>) -> Result<Functions<'a>, ApiError>
 /// The client's functions and Gemini's own tools.
 type Functions<'a, P = Json<'a>> = (Vec<FunctionIn<'a, P>>, Vec<&'a RawValue>);
 
-/// Splits the client's tools into functions and Gemini's own tools (passed through as sent).
+/// Splits the client's tools (`body`: their JSON) into functions and Gemini's own tools (passed
+/// through as sent).
 fn split_tools<'a, P>(
-    body: &'a RequestBody<'_>,
+    body: Option<&'a str>,
     tools: Vec<ToolIn<'a, P>>,
     functions: Vec<FunctionIn<'a, P>>,
 ) -> Result<Functions<'a, P>, ApiError> {
@@ -1150,8 +1156,8 @@ fn convert_tool_choice(choice: &Value) -> Result<Option<ToolConfig>, ApiError> {
 }
 
 /// `reasoning_effort` (LiteLLM's budgets) or an Anthropic-style `thinking` as `thinkingConfig`.
-fn thinking_config(body: &RequestBody<'_>) -> Result<Option<Value>, ApiError> {
-    if let Some(effort) = parse_field::<String>(body, "reasoning_effort")? {
+fn thinking_config(fields: &ChatFields<'_>) -> Result<Option<Value>, ApiError> {
+    if let Some(effort) = parse_raw::<String>(fields.reasoning_effort, "reasoning_effort")? {
         let budget = match effort.as_str() {
             "none" | "disable" => return Ok(Some(json!({"thinkingBudget": 0}))),
             "minimal" => 128,
@@ -1167,7 +1173,7 @@ fn thinking_config(body: &RequestBody<'_>) -> Result<Option<Value>, ApiError> {
             json!({"thinkingBudget": budget, "includeThoughts": true}),
         ));
     }
-    if let Some(thinking) = parse_field::<Value>(body, "thinking")? {
+    if let Some(thinking) = parse_raw::<Value>(fields.thinking, "thinking")? {
         if thinking.get("type").and_then(Value::as_str) == Some("disabled") {
             return Ok(Some(json!({"thinkingBudget": 0})));
         }
@@ -1190,7 +1196,7 @@ struct GenerateContent<'a> {
     generation_config: GenerationConfig<'a>,
     tools: Vec<Tool<'a>>,
     tool_config: Option<ToolConfig>,
-    safety_settings: Option<&'a RawValue>,
+    safety_settings: Option<&'a str>,
 }
 
 impl GenerateContent<'_> {
@@ -1216,7 +1222,7 @@ impl GenerateContent<'_> {
         }
         if let Some(settings) = self.safety_settings {
             out.extend_from_slice(b",\"safetySettings\":");
-            out.extend_from_slice(settings.get().as_bytes());
+            out.extend_from_slice(settings.as_bytes());
         }
         out.push(b'}');
     }
@@ -1225,13 +1231,13 @@ impl GenerateContent<'_> {
 /// `generationConfig`; sampling parameters are copied through as raw JSON.
 #[derive(Default)]
 struct GenerationConfig<'a> {
-    temperature: Option<&'a RawValue>,
-    top_p: Option<&'a RawValue>,
-    top_k: Option<&'a RawValue>,
-    candidate_count: Option<&'a RawValue>,
-    presence_penalty: Option<&'a RawValue>,
-    frequency_penalty: Option<&'a RawValue>,
-    seed: Option<&'a RawValue>,
+    temperature: Option<&'a str>,
+    top_p: Option<&'a str>,
+    top_k: Option<&'a str>,
+    candidate_count: Option<&'a str>,
+    presence_penalty: Option<&'a str>,
+    frequency_penalty: Option<&'a str>,
+    seed: Option<&'a str>,
     max_output_tokens: Option<u64>,
     stop_sequences: Option<Vec<String>>,
     response_mime_type: Option<&'static str>,
@@ -1269,7 +1275,7 @@ impl GenerationConfig<'_> {
         ];
         for (key, value) in raw {
             if let Some(value) = value {
-                object.field(key).extend_from_slice(value.get().as_bytes());
+                object.field(key).extend_from_slice(value.as_bytes());
             }
         }
         if let Some(max) = self.max_output_tokens {
@@ -1291,13 +1297,90 @@ impl GenerationConfig<'_> {
     }
 }
 
-/// A body field as raw JSON (absent or `null` is `None`).
-fn raw_field<'a>(body: &'a RequestBody<'_>, key: &str) -> Result<Option<&'a RawValue>, ApiError> {
-    match body.raw(key) {
+/// A body field's JSON (`raw`) as `T`; absent or `null` is `None`, a wrong type is a 400 naming
+/// the field (as [`parse_field`] reports it).
+fn parse_raw<T: serde::de::DeserializeOwned>(
+    raw: Option<&str>,
+    key: &str,
+) -> Result<Option<T>, ApiError> {
+    match raw {
         None | Some("null") => Ok(None),
         Some(raw) => serde_json::from_str(raw)
             .map(Some)
             .map_err(|e| bad(format!("Invalid request body: `{key}`: {e}")).with_param(key)),
+    }
+}
+
+/// A field's JSON, to copy through (`null` is `None`). The body's fields are valid JSON (the
+/// body was parsed; defaults are serialized values), so this is the text itself.
+fn raw_json(raw: Option<&str>) -> Option<&str> {
+    raw.filter(|r| *r != "null")
+}
+
+/// The body fields a chat request reads, found in one pass over the body (not a search each).
+#[derive(Default)]
+struct ChatFields<'b> {
+    /// Which of [`UNSUPPORTED`] are set (not `null`).
+    unsupported: [bool; UNSUPPORTED.len()],
+    logprobs: Option<&'b str>,
+    parallel_tool_calls: Option<&'b str>,
+    modalities: Option<&'b str>,
+    messages: Option<&'b str>,
+    temperature: Option<&'b str>,
+    top_p: Option<&'b str>,
+    top_k: Option<&'b str>,
+    n: Option<&'b str>,
+    presence_penalty: Option<&'b str>,
+    frequency_penalty: Option<&'b str>,
+    seed: Option<&'b str>,
+    max_completion_tokens: Option<&'b str>,
+    max_tokens: Option<&'b str>,
+    stop: Option<&'b str>,
+    response_format: Option<&'b str>,
+    reasoning_effort: Option<&'b str>,
+    thinking: Option<&'b str>,
+    tools: Option<&'b str>,
+    functions: Option<&'b str>,
+    tool_choice: Option<&'b str>,
+    safety_settings: Option<&'b str>,
+}
+
+impl<'b> ChatFields<'b> {
+    fn read(body: &'b RequestBody<'_>) -> Self {
+        let mut f = ChatFields::default();
+        for (key, raw) in body.fields() {
+            let slot = match key {
+                "logprobs" => &mut f.logprobs,
+                "parallel_tool_calls" => &mut f.parallel_tool_calls,
+                "modalities" => &mut f.modalities,
+                "messages" => &mut f.messages,
+                "temperature" => &mut f.temperature,
+                "top_p" => &mut f.top_p,
+                "top_k" => &mut f.top_k,
+                "n" => &mut f.n,
+                "presence_penalty" => &mut f.presence_penalty,
+                "frequency_penalty" => &mut f.frequency_penalty,
+                "seed" => &mut f.seed,
+                "max_completion_tokens" => &mut f.max_completion_tokens,
+                "max_tokens" => &mut f.max_tokens,
+                "stop" => &mut f.stop,
+                "response_format" => &mut f.response_format,
+                "reasoning_effort" => &mut f.reasoning_effort,
+                "thinking" => &mut f.thinking,
+                "tools" => &mut f.tools,
+                "functions" => &mut f.functions,
+                "tool_choice" => &mut f.tool_choice,
+                "safety_settings" => &mut f.safety_settings,
+                other => {
+                    if let Some(i) = UNSUPPORTED.iter().position(|p| *p == other) {
+                        f.unsupported[i] = raw != "null";
+                    }
+                    continue;
+                }
+            };
+            *slot = Some(raw);
+        }
+        f
     }
 }
 
@@ -1437,47 +1520,45 @@ fn chat_request(
     vertex: bool,
 ) -> Result<UpstreamRequest, ApiError> {
     let body: &RequestBody = body;
+    let fields = ChatFields::read(body);
     let mut unsupported: Vec<&str> = UNSUPPORTED
         .iter()
-        .copied()
-        .filter(|p| body.contains(p))
+        .zip(fields.unsupported)
+        .filter_map(|(p, set)| set.then_some(*p))
         .collect();
-    if body
-        .raw("logprobs")
-        .is_some_and(|r| r != "null" && r != "false")
-    {
+    if fields.logprobs.is_some_and(|r| r != "null" && r != "false") {
         unsupported.push("logprobs");
     }
-    if parse_field::<bool>(body, "parallel_tool_calls")? == Some(false) {
+    if parse_raw::<bool>(fields.parallel_tool_calls, "parallel_tool_calls")? == Some(false) {
         unsupported.push("parallel_tool_calls");
     }
-    if let Some(modalities) = parse_field::<Vec<String>>(body, "modalities")? {
+    if let Some(modalities) = parse_raw::<Vec<String>>(fields.modalities, "modalities")? {
         if modalities.iter().any(|m| m != "text") {
             unsupported.push("modalities");
         }
     }
     check_unsupported(unsupported, upstream_model, opts)?;
 
-    let raw_messages = body.raw("messages").unwrap_or_default();
-    let messages: Vec<Message> = list_field(body, "messages")?;
+    let raw_messages = fields.messages.unwrap_or_default();
+    let messages: Vec<Message> = list_field(fields.messages, "messages")?;
     let (system, contents) = convert_messages(raw_messages, &messages)?;
 
     let mut config = GenerationConfig {
-        temperature: raw_field(body, "temperature")?,
-        top_p: raw_field(body, "top_p")?,
-        top_k: raw_field(body, "top_k")?,
-        candidate_count: raw_field(body, "n")?,
-        presence_penalty: raw_field(body, "presence_penalty")?,
-        frequency_penalty: raw_field(body, "frequency_penalty")?,
-        seed: raw_field(body, "seed")?,
+        temperature: raw_json(fields.temperature),
+        top_p: raw_json(fields.top_p),
+        top_k: raw_json(fields.top_k),
+        candidate_count: raw_json(fields.n),
+        presence_penalty: raw_json(fields.presence_penalty),
+        frequency_penalty: raw_json(fields.frequency_penalty),
+        seed: raw_json(fields.seed),
         ..Default::default()
     };
-    let max_tokens: Option<u64> = parse_field(body, "max_completion_tokens")?;
+    let max_tokens: Option<u64> = parse_raw(fields.max_completion_tokens, "max_completion_tokens")?;
     config.max_output_tokens = match max_tokens {
         Some(max) => Some(max),
-        None => parse_field(body, "max_tokens")?,
+        None => parse_raw(fields.max_tokens, "max_tokens")?,
     };
-    if let Some(stop) = parse_field::<Value>(body, "stop")? {
+    if let Some(stop) = parse_raw::<Value>(fields.stop, "stop")? {
         config.stop_sequences = Some(match stop {
             Value::String(s) => vec![s],
             Value::Array(a) => a
@@ -1490,7 +1571,7 @@ fn chat_request(
             other => return Err(bad(format!("Invalid stop: {other}")).with_param("stop")),
         });
     }
-    let format: Option<Json> = match body.raw("response_format") {
+    let format: Option<Json> = match fields.response_format {
         None | Some("null") => None,
         Some(raw) => Some(serde_json::from_str(raw).map_err(|e| {
             bad(format!("Invalid request body: `response_format`: {e}"))
@@ -1514,17 +1595,17 @@ fn chat_request(
             }
         }
     }
-    config.thinking_config = thinking_config(body)?;
+    config.thinking_config = thinking_config(&fields)?;
 
-    let tools_len = body.raw("tools").map_or(0, str::len);
-    let (functions, native) = parse_tools(body)?;
+    let tools_len = fields.tools.map_or(0, str::len);
+    let (functions, native) = parse_tools(fields.tools, fields.functions)?;
     let declarations = declarations(&functions)?;
     let mut tools = Vec::with_capacity(1 + native.len());
     if !declarations.is_empty() {
         tools.push(Tool::Functions(declarations));
     }
     tools.extend(native.into_iter().map(Tool::Native));
-    let tool_config = match parse_field::<Value>(body, "tool_choice")? {
+    let tool_config = match parse_raw::<Value>(fields.tool_choice, "tool_choice")? {
         Some(choice) => convert_tool_choice(&choice)?,
         None => None,
     };
@@ -1535,7 +1616,7 @@ fn chat_request(
         generation_config: config,
         tools,
         tool_config,
-        safety_settings: raw_field(body, "safety_settings")?,
+        safety_settings: raw_json(fields.safety_settings),
     };
     let method = if stream {
         "streamGenerateContent?alt=sse"
