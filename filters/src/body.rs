@@ -246,10 +246,41 @@ fn scan_object(src: &str) -> Option<FieldList<'_>> {
     (s.i == s.b.len()).then_some(out)
 }
 
-/// The index of the first `"`, `\` or control character of `b`: eight bytes at a time, each
-/// test a borrow into a byte's high bit (the lowest flagged byte is always a real hit).
+/// The index of the first `"`, `\` or control character of `b`.
 #[inline(always)]
 fn find_special(b: &[u8]) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
+            _mm_or_si128, _mm_set1_epi8,
+        };
+        let mut at = 0;
+        while at + 16 <= b.len() {
+            // SAFETY: SSE2 is part of x86_64; the 16 bytes loaded (unaligned) are within `b`.
+            let mask = unsafe {
+                let x = _mm_loadu_si128(b.as_ptr().add(at).cast::<__m128i>());
+                let quote = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8));
+                let backslash = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'\\' as i8));
+                // x < 0x20 exactly when min(x, 0x1f) == x (unsigned).
+                let ctrl = _mm_cmpeq_epi8(_mm_min_epu8(x, _mm_set1_epi8(0x1f)), x);
+                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), ctrl))
+            };
+            if mask != 0 {
+                return Some(at + mask.trailing_zeros() as usize);
+            }
+            at += 16;
+        }
+        find_special_swar(&b[at..]).map(|p| at + p)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    find_special_swar(b)
+}
+
+/// [`find_special`] eight bytes at a time, each test a borrow into a byte's high bit (the
+/// lowest flagged byte is always a real hit).
+#[inline(always)]
+fn find_special_swar(b: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::MAX / 255;
     const HIGH: u64 = ONES << 7;
     let hits = |chunk: &[u8]| {
