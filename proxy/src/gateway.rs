@@ -540,8 +540,8 @@ impl ProxyHttp for Gateway {
 }
 
 /// The spend-log row of a finished LLM call.
-fn spend_row(ctx: &Ctx, status: u16) -> sluice_filters::tenancy::SpendRow {
-    let served = ctx.served.clone().unwrap_or_default();
+fn spend_row(ctx: &mut Ctx, status: u16) -> sluice_filters::tenancy::SpendRow {
+    let served = ctx.served.take().unwrap_or_default();
     let u = served.usage;
     let key = ctx.tenant.as_ref().map(|k| &k.key);
     sluice_filters::tenancy::SpendRow {

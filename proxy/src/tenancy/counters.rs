@@ -92,25 +92,33 @@ impl ScopeState {
     }
 }
 
-/// Counters of this process only.
+/// Counters of this process only, one map per kind so lookups borrow the id (an id is copied
+/// only the first time it is seen, not on every request).
 #[derive(Default)]
 pub struct LocalCounters {
-    scopes: Mutex<HashMap<(Kind, String), ScopeState>>,
+    scopes: Mutex<[HashMap<String, ScopeState>; Kind::ALL.len()]>,
+}
+
+fn slot(kind: Kind) -> usize {
+    kind as usize
 }
 
 impl LocalCounters {
     /// Checks every scope and, only when all pass, counts the request against each.
     pub fn admit(&self, scopes: &[Scope]) -> Result<Vec<Standing>, Denial> {
         let window = now_secs() / 60;
-        let mut map = self.scopes.lock();
+        let mut maps = self.scopes.lock();
         for (i, s) in scopes.iter().enumerate() {
-            let st = map
-                .entry((s.kind, s.id.clone()))
-                .or_insert_with(|| ScopeState {
+            let map = &mut maps[slot(s.kind)];
+            if !map.contains_key(s.id.as_str()) {
+                let fresh = ScopeState {
                     period: s.period,
                     spend: s.seed,
                     ..Default::default()
-                });
+                };
+                map.insert(s.id.clone(), fresh);
+            }
+            let st = map.get_mut(s.id.as_str()).expect("inserted above");
             if st.period != s.period {
                 st.period = s.period;
                 st.spend = s.seed;
@@ -138,8 +146,8 @@ impl LocalCounters {
         Ok(scopes
             .iter()
             .map(|s| {
-                let st = map
-                    .get_mut(&(s.kind, s.id.clone()))
+                let st = maps[slot(s.kind)]
+                    .get_mut(s.id.as_str())
                     .expect("entry made above");
                 st.requests += 1;
                 st.parallel += 1;
@@ -155,9 +163,9 @@ impl LocalCounters {
     /// Adds a finished request's tokens and cost and releases its parallel slot.
     pub fn settle(&self, scopes: &[Scope], tokens: u64, cost: f64) {
         let window = now_secs() / 60;
-        let mut map = self.scopes.lock();
+        let mut maps = self.scopes.lock();
         for s in scopes {
-            if let Some(st) = map.get_mut(&(s.kind, s.id.clone())) {
+            if let Some(st) = maps[slot(s.kind)].get_mut(s.id.as_str()) {
                 st.roll(window);
                 st.tokens += tokens;
                 if st.period == s.period {
@@ -170,15 +178,12 @@ impl LocalCounters {
 
     /// Spend counted in memory for a scope, if it has been seen.
     pub fn spend(&self, kind: Kind, id: &str) -> Option<f64> {
-        self.scopes
-            .lock()
-            .get(&(kind, id.to_string()))
-            .map(|s| s.spend)
+        self.scopes.lock()[slot(kind)].get(id).map(|s| s.spend)
     }
 
     /// Forgets a scope (its entity was deleted or reset by an admin).
     pub fn forget(&self, kind: Kind, id: &str) {
-        self.scopes.lock().remove(&(kind, id.to_string()));
+        self.scopes.lock()[slot(kind)].remove(id);
     }
 }
 

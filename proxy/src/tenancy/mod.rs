@@ -482,12 +482,10 @@ impl Tenancy {
     ) -> Result<Admission, ApiError> {
         let now = Utc::now();
         let mut scopes = Vec::with_capacity(6);
-        let mut labels: Vec<String> = Vec::with_capacity(6);
         {
             let (spend, limits) = &*self.global.read();
             if limits.max_budget.is_some() {
                 scopes.push(self.scope(Kind::Global, GLOBAL_ID, limits, *spend, now));
-                labels.push(GLOBAL_ID.into());
             }
         }
         if let Some(k) = key {
@@ -511,7 +509,6 @@ impl Tenancy {
             }
             let token = &k.key.token;
             scopes.push(self.scope(Kind::Key, token, &k.key.limits, k.key.spend, now));
-            labels.push(k.label());
             if let Some(mb) = k.key.limits.model_max_budget.get(group) {
                 let limits = Limits {
                     max_budget: Some(mb.limit()),
@@ -525,15 +522,12 @@ impl Tenancy {
                     spend,
                     now,
                 ));
-                labels.push(format!("{} model={group}", k.label()));
             }
             if let Some(u) = &k.user {
                 scopes.push(self.scope(Kind::User, &u.user_id, &u.limits, u.spend, now));
-                labels.push(u.user_id.clone());
             }
             if let Some(t) = &k.team {
                 scopes.push(self.scope(Kind::Team, &t.team_id, &t.limits, t.spend, now));
-                labels.push(t.team_alias.clone().unwrap_or_else(|| t.team_id.clone()));
             }
         }
         if let Some(id) = end_user {
@@ -546,7 +540,6 @@ impl Tenancy {
                     ));
                 }
                 scopes.push(self.scope(Kind::Customer, id, &c.limits, c.spend, now));
-                labels.push(id.to_string());
             }
         }
         if scopes.is_empty() {
@@ -558,7 +551,7 @@ impl Tenancy {
         }
         let standings = match self.counters.admit(&scopes).await {
             Ok(s) => s,
-            Err(d) => return Err(denial_error(&d, &scopes, &labels)),
+            Err(d) => return Err(denial_error(&d, &scopes, key)),
         };
         let mut headers = admission_headers(&scopes, &standings, key.is_some());
         // soft_budget never blocks: past it, answers say so and the gateway logs it once.
@@ -629,7 +622,25 @@ impl Tenancy {
     }
 }
 
-fn denial_error(d: &Denial, scopes: &[Scope], labels: &[String]) -> ApiError {
+/// How a scope is named in messages (only built when a request is refused).
+fn scope_label(s: &Scope, key: Option<&Arc<KeyContext>>) -> String {
+    match (s.kind, key) {
+        (Kind::Key, Some(k)) => k.label(),
+        (Kind::KeyModel, Some(k)) => {
+            let model = s.id.rsplit_once('/').map_or("", |(_, m)| m);
+            format!("{} model={model}", k.label())
+        }
+        (Kind::Team, Some(k)) => k
+            .team
+            .as_ref()
+            .and_then(|t| t.team_alias.clone())
+            .unwrap_or_else(|| s.id.clone()),
+        _ => s.id.clone(),
+    }
+}
+
+fn denial_error(d: &Denial, scopes: &[Scope], key: Option<&Arc<KeyContext>>) -> ApiError {
+    let label = |i: usize| scope_label(&scopes[i], key);
     match d {
         Denial::Budget { scope, spend } => {
             let s = &scopes[*scope];
@@ -640,7 +651,7 @@ fn denial_error(d: &Denial, scopes: &[Scope], labels: &[String]) -> ApiError {
                 ),
                 Kind::KeyModel => format!(
                     "Budget has been exceeded! Key={} Current cost: {spend}, Max budget: {max}",
-                    labels[*scope]
+                    label(*scope)
                 ),
                 Kind::Global => format!(
                     "Budget has been exceeded! Proxy budget. Current cost: {spend}, Max budget: {max}"
@@ -648,7 +659,7 @@ fn denial_error(d: &Denial, scopes: &[Scope], labels: &[String]) -> ApiError {
                 k => format!(
                     "Budget has been exceeded! {}={} Current cost: {spend}, Max budget: {max}",
                     scope_title(k),
-                    labels[*scope]
+                    label(*scope)
                 ),
             };
             ApiError::new(400, "budget_exceeded", message)
@@ -673,7 +684,7 @@ fn denial_error(d: &Denial, scopes: &[Scope], labels: &[String]) -> ApiError {
                 format!(
                     "Rate limit exceeded for {}: {}. Limit type: {}. Current limit: {current}, Remaining: 0. Limit resets at: {}",
                     scope_name(s.kind),
-                    labels[*scope],
+                    label(*scope),
                     limit.as_str(),
                     at.to_rfc3339()
                 ),
