@@ -18,6 +18,23 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// Upstream error bodies are read up to this size to classify them.
 pub const MAX_ERROR_BODY_BYTES: usize = 1024 * 1024;
 
+/// `litellm_jwtauth` keys that restrict who may do what in LiteLLM. Sluice does not enforce
+/// them, so a config that sets one is refused rather than served with looser access.
+const RESTRICTIVE_JWT_KEYS: &[&str] = &[
+    "enforce_rbac",
+    "user_allowed_email_domain",
+    "user_allowed_roles",
+    "scope_mappings",
+    "enforce_scope_based_access",
+    "enforce_team_based_model_access",
+    "team_allowed_routes",
+    "admin_allowed_routes",
+    "custom_validate",
+    "issuers",
+    "role_mappings",
+    "object_id_jwt_field",
+];
+
 pub struct App {
     pub config: Config,
     pub router: Router,
@@ -60,6 +77,22 @@ impl App {
             .map_err(|(path, expected)| {
                 anyhow::anyhow!("{}: {path}: expected {expected}", config.source.display())
             })?;
+            // Settings that narrow access in LiteLLM must not silently widen it here.
+            let restrictive: Vec<&String> = unknown
+                .iter()
+                .filter(|k| {
+                    RESTRICTIVE_JWT_KEYS
+                        .iter()
+                        .any(|r| k.rsplit('.').next() == Some(*r))
+                })
+                .collect();
+            if !restrictive.is_empty() {
+                anyhow::bail!(
+                    "{}: {} restrict access in LiteLLM and Sluice does not enforce them; remove them (expected only the supported litellm_jwtauth keys)",
+                    config.source.display(),
+                    restrictive.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
             if !unknown.is_empty() {
                 tracing::warn!(keys = %unknown.join(", "), "litellm_jwtauth keys Sluice does not act on (ignored)");
             }

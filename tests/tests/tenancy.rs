@@ -923,3 +923,12 @@ async fn jwt_with_a_static_rs256_public_key() {
     let bad = jwt(&other, rs, json!({"sub": "r1", "exp": exp_in(300)}));
     assert_eq!(chat(&gw, &bad, "m").await.0, 401);
 }
+
+#[tokio::test]
+async fn jwt_settings_that_restrict_access_are_refused_not_ignored() {
+    let mock = Mock::start("jwt-rbac").await;
+    let general = "  enable_jwt_auth: true\n  litellm_jwtauth:\n    secret: \"a-test-only-hs256-secret-of-32-bytes!!\"\n    enforce_rbac: true\n";
+    let (status, stderr) = Gateway::start_expect_failure(&config(&mock, general, "")).await;
+    assert!(!status.success());
+    assert!(stderr.contains("litellm_jwtauth.enforce_rbac"), "{stderr}");
+}
