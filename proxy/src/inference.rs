@@ -1159,7 +1159,7 @@ async fn whole_response(
         usage,
         &picked.deployment.config.model_name,
     );
-    ctx.served = Some(served(picked, usage, None));
+    ctx.served = Some(served(ctx, picked, plan, usage, None));
     crate::gateway::settle_spend(app, ctx).await;
     let content_type =
         (!plan.provider.is_openai_native() || ctx.ingress.is_some()).then_some("application/json");
@@ -1230,7 +1230,7 @@ async fn stream_response(
                 decoder.finish(&mut out);
                 // Spend counts before the client sees the end, so its next call is checked
                 // against it.
-                ctx.served = Some(served(picked, decoder.usage(), ttft));
+                ctx.served = Some(served(ctx, picked, plan, decoder.usage(), ttft));
                 crate::gateway::settle_spend(app, ctx).await;
                 let tail = (!out.is_empty()).then(|| Bytes::copy_from_slice(&out));
                 let _ = session.write_response_body(tail, true).await;
@@ -1279,16 +1279,36 @@ async fn stream_response(
 }
 
 /// What answered a call and what it cost, for the spend log and the cost header.
-fn served(picked: &Picked, usage: Option<Usage>, ttft: Option<Duration>) -> crate::gateway::Served {
-    let c = &picked.deployment.config;
+/// Priced by the model actually called: for a wildcard deployment that is the one resolved
+/// from the request, not the `*` pattern.
+fn served(
+    ctx: &Ctx,
+    picked: &Picked,
+    plan: &Plan<'_>,
+    usage: Option<Usage>,
+    ttft: Option<Duration>,
+) -> crate::gateway::Served {
+    let group = &picked.deployment.config;
+    let c = &*plan.deployment;
     let usage = usage.unwrap_or_default();
     crate::gateway::Served {
-        model: c.upstream_model.clone(),
-        model_id: c.id.clone(),
-        model_group: c.model_name.clone(),
+        model_group: if group.is_wildcard() {
+            ctx.requested_model.clone().unwrap_or_default()
+        } else {
+            group.model_name.clone()
+        },
+        model_id: group.id.clone(),
         provider: c.provider.name().to_string(),
         api_base: c.api_base.clone().unwrap_or_default(),
-        cost: crate::tenancy::call_cost(c, usage.prompt_tokens, usage.completion_tokens),
+        cost: crate::tenancy::cost_for(
+            c.provider.name(),
+            &plan.upstream_model,
+            c.model_info.base_model.as_deref(),
+            (c.input_cost_per_token, c.output_cost_per_token),
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        ),
+        model: plan.upstream_model.clone(),
         usage,
         ttft,
     }

@@ -932,3 +932,30 @@ async fn jwt_settings_that_restrict_access_are_refused_not_ignored() {
     assert!(!status.success());
     assert!(stderr.contains("litellm_jwtauth.enforce_rbac"), "{stderr}");
 }
+
+/// A wildcard deployment is priced by the model the request resolved to, not the pattern.
+#[tokio::test]
+async fn wildcard_deployments_are_priced_by_the_resolved_model() {
+    let mock = Mock::start("wild").await;
+    let cfg = format!(
+        "model_list:\n  - {{model_name: \"openai/*\", litellm_params: {{model: \"openai/*\", api_base: {}}}}}\ngeneral_settings:\n  master_key: {MASTER}\n  proxy_batch_write_at: 0.1\n",
+        mock.base_url()
+    );
+    let gw = Gateway::start(&cfg, &[]).await;
+    let (s, v, h) = chat(&gw, MASTER, "openai/gpt-4o-mini").await;
+    assert_eq!(s, 200, "{v}\n{}", gw.log());
+    let expected = v["usage"]["prompt_tokens"].as_f64().unwrap() * 0.000_000_15
+        + v["usage"]["completion_tokens"].as_f64().unwrap() * 0.000_000_6;
+    let cost: f64 = h["x-litellm-response-cost"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        expected > 0.0 && (cost - expected).abs() < 1e-12,
+        "{cost} vs {expected}"
+    );
+    let rows = spend_rows(&gw, "", 1).await;
+    assert_eq!(rows[0]["model"], "gpt-4o-mini", "{rows:?}");
+    assert_eq!(rows[0]["model_group"], "openai/gpt-4o-mini");
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
-use sluice_config::{Deployment, TenancySettings};
+use sluice_config::TenancySettings;
 use sluice_filters::period::Period;
 use sluice_filters::tenancy::{
     BudgetRecord, CustomerRecord, Entity, KeyRecord, Kind, Limits, SpendRow, Store, StoreError,
@@ -739,20 +739,9 @@ fn admission_headers(
     h
 }
 
-/// Cost of a call on a deployment: its configured prices, else the bundled table's for the
-/// upstream model (or `model_info.base_model`); self-hosted models cost nothing unless priced.
-pub fn call_cost(d: &Deployment, prompt_tokens: u64, completion_tokens: u64) -> f64 {
-    cost_for(
-        d.provider.name(),
-        &d.upstream_model,
-        d.model_info.base_model.as_deref(),
-        (d.input_cost_per_token, d.output_cost_per_token),
-        prompt_tokens,
-        completion_tokens,
-    )
-}
-
-/// Cost from explicit prices when given, else from the bundled table.
+/// Cost of a call: explicit prices (`input_cost_per_token` / `output_cost_per_token` on the
+/// deployment) when given, else the bundled table's for the model called (or its
+/// `base_model`); self-hosted providers cost nothing unless priced.
 pub fn cost_for(
     provider: &str,
     model: &str,
