@@ -308,31 +308,41 @@ fn find_special_swar(b: &[u8]) -> Option<usize> {
 
 /// A strict JSON scanner over bytes (JSON's grammar; strings are checked for control
 /// characters and escapes, UTF-8 was checked before).
-struct Scanner<'b> {
+pub(crate) struct Scanner<'b> {
     b: &'b [u8],
     i: usize,
 }
 
-impl Scanner<'_> {
-    fn peek(&self) -> Option<u8> {
+impl<'b> Scanner<'b> {
+    /// A scanner at the start of `b` (valid UTF-8).
+    pub(crate) fn new(b: &'b [u8]) -> Self {
+        Scanner { b, i: 0 }
+    }
+
+    /// The index of the next byte.
+    pub(crate) fn pos(&self) -> usize {
+        self.i
+    }
+
+    pub(crate) fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
     }
 
-    fn eat(&mut self, c: u8) -> bool {
+    pub(crate) fn eat(&mut self, c: u8) -> bool {
         let hit = self.peek() == Some(c);
         self.i += usize::from(hit);
         hit
     }
 
     /// JSON whitespace (what serde_json skips).
-    fn ws(&mut self) {
+    pub(crate) fn ws(&mut self) {
         while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
             self.i += 1;
         }
     }
 
     /// The rest of a string whose opening quote is eaten; whether it had escapes.
-    fn string(&mut self) -> Option<bool> {
+    pub(crate) fn string(&mut self) -> Option<bool> {
         let mut escaped = false;
         loop {
             let rest = &self.b[self.i..];
@@ -402,7 +412,7 @@ impl Scanner<'_> {
 
     /// One value, the scanner at its first byte (no whitespace before it). Nesting is kept
     /// as bits (1: an object), without recursion.
-    fn value(&mut self) -> Option<()> {
+    pub(crate) fn value(&mut self) -> Option<()> {
         let mut stack: u64 = 0;
         let mut depth = 0u32;
         loop {

@@ -74,6 +74,33 @@ pub(super) fn text<'a>(src: &'a str, s: &'a str) -> Text<'a> {
     Text::Raw(Token(&src[start - 1..=end]))
 }
 
+/// `token`, a JSON string token (quotes included) that the caller checked serde_json would
+/// write the same way (see [`canonical_escapes`]), copied through as it is.
+pub(super) fn token_text(token: &str) -> Text<'_> {
+    Text::Raw(Token(token))
+}
+
+/// Whether every escape of a valid JSON string token is the one serde_json writes for the
+/// character it stands for (`\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`, else `\u00xx`, lowercase,
+/// for the other control characters; nothing else is escaped): then serializing the string
+/// gives back the token.
+pub(super) fn canonical_escapes(token: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(at) = memchr::memchr(b'\\', &token[i..]) {
+        let j = i + at + 1;
+        match token.get(j) {
+            Some(b'"' | b'\\' | b'b' | b'f' | b'n' | b'r' | b't') => i = j + 1,
+            Some(b'u') => match token.get(j + 1..j + 5) {
+                Some([b'0', b'0', b'0', b'0'..=b'7' | b'b' | b'e' | b'f'])
+                | Some([b'0', b'0', b'1', b'0'..=b'9' | b'a'..=b'f']) => i = j + 5,
+                _ => return false,
+            },
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Whether serde_json would escape any of `bytes` (`"`, `\` or a control character).
 fn needs_escape(bytes: &[u8]) -> bool {
     // The smallest byte, without an early exit: the compiler compares many bytes at once.

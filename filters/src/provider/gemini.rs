@@ -16,9 +16,12 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sluice_config::Deployment;
 
-use super::common::{bad, now, parse_field, text, ChunkWriter, InContent, InToolCall, Text};
+use super::common::{
+    bad, canonical_escapes, now, parse_field, text, token_text, ChunkWriter, InContent, InToolCall,
+    Text,
+};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
-use crate::body::RequestBody;
+use crate::body::{RequestBody, Scanner};
 use crate::classify::{classify_status, FailureKind};
 use crate::error::ApiError;
 use crate::sse::{event_data, SseSplitter};
@@ -53,6 +56,10 @@ struct Message<'a> {
     tool_calls: Option<Vec<InToolCall<'a>>>,
     #[serde(default, borrow)]
     tool_call_id: Option<Cow<'a, str>>,
+    /// `content` is a `Text` that holds the client's JSON string token itself (quotes and
+    /// escapes included), to copy through (set by [`read_messages`] only).
+    #[serde(skip)]
+    content_token: bool,
 }
 
 /// Message content: a string or a list of OpenAI parts.
@@ -268,13 +275,13 @@ fn text_part<'a>(src: &'a str, s: &'a str) -> Part<'a> {
 }
 
 /// OpenAI message content (a string or a list of parts) as Gemini parts.
-fn content_parts<'a>(
-    src: &'a str,
-    content: &'a Option<Content<'a>>,
-) -> Result<Vec<Part<'a>>, ApiError> {
-    match content {
+fn content_parts<'a>(src: &'a str, m: &'a Message<'a>) -> Result<Vec<Part<'a>>, ApiError> {
+    match &m.content {
         None => Ok(vec![]),
         Some(Content::Text(s)) if s.is_empty() => Ok(vec![]),
+        Some(Content::Text(s)) if m.content_token => Ok(vec![Part::Text {
+            text: token_text(s),
+        }]),
         Some(Content::Text(s)) => Ok(vec![text_part(src, s)]),
         Some(Content::Parts(parts)) => {
             let mut out = Vec::with_capacity(parts.len());
@@ -397,9 +404,11 @@ fn text_of<'a>(content: &'a Option<Content<'a>>) -> Cow<'a, str> {
     }
 }
 
-/// Text read from `src` (the client's JSON), to write out (see [`text`]).
-fn out_text<'a>(src: &'a str, s: Cow<'a, str>) -> Text<'a> {
+/// Text read from `src` (the client's JSON), to write out (see [`text`]); `token`: `s` is the
+/// message's content token (see [`Message::content_token`]).
+fn out_text<'a>(src: &'a str, s: Cow<'a, str>, token: bool) -> Text<'a> {
     match s {
+        Cow::Borrowed(s) if token => token_text(s),
         Cow::Borrowed(s) => text(src, s),
         owned => Text::Str(owned),
     }
@@ -445,6 +454,142 @@ fn empty_args() -> &'static RawValue {
     EMPTY.get_or_init(|| RawValue::from_string("{}".to_string()).expect("valid JSON"))
 }
 
+/// The messages (`src`, the JSON of the `messages` field) read directly, without serde, for the
+/// common shapes: the same values serde would give (strings borrowed unless they have escapes),
+/// except that string content with escapes is kept as its token when serde_json would write it
+/// back the same ([`Message::content_token`]), saving an unescape and an escape. `None` (serde
+/// decides, and gives any error) for anything else: malformed JSON, keys with escapes,
+/// repeated fields, wrong types, a missing role.
+fn read_messages(src: &str) -> Option<Vec<Message<'_>>> {
+    let mut s = Scanner::new(src.as_bytes());
+    s.ws();
+    s.eat(b'[').then_some(())?;
+    s.ws();
+    let mut out = Vec::with_capacity(8);
+    if !s.eat(b']') {
+        loop {
+            out.push(read_message(&mut s, src)?);
+            s.ws();
+            if s.eat(b']') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    s.ws();
+    (s.pos() == src.len()).then_some(out)
+}
+
+/// One value at the scanner: its JSON text and whether it is a string with escapes.
+fn read_value<'a>(s: &mut Scanner, src: &'a str) -> Option<(&'a str, bool)> {
+    let start = s.pos();
+    let escaped = if s.eat(b'"') {
+        s.string()?
+    } else {
+        s.value()?;
+        false
+    };
+    Some((&src[start..s.pos()], escaped))
+}
+
+/// A string token's string, as serde gives it: borrowed without escapes, else unescaped.
+fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
+    if !token.starts_with('"') {
+        return None;
+    }
+    if escaped {
+        serde_json::from_str::<String>(token).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(&token[1..token.len() - 1]))
+    }
+}
+
+/// A string or `null` (`Option<Cow<str>>`).
+fn opt_str(token: &str, escaped: bool) -> Option<Option<Cow<'_, str>>> {
+    match token {
+        "null" => Some(None),
+        _ => token_str(token, escaped).map(Some),
+    }
+}
+
+fn read_message<'a>(s: &mut Scanner, src: &'a str) -> Option<Message<'a>> {
+    s.eat(b'{').then_some(())?;
+    s.ws();
+    let mut m = Message {
+        role: Cow::Borrowed(""),
+        content: None,
+        name: None,
+        tool_calls: None,
+        tool_call_id: None,
+        content_token: false,
+    };
+    // Fields seen (a repeated one is serde's error).
+    let mut seen = 0u8;
+    if !s.eat(b'}') {
+        loop {
+            let (key, escaped) = read_value(s, src)?;
+            if escaped || !key.starts_with('"') {
+                return None;
+            }
+            s.ws();
+            s.eat(b':').then_some(())?;
+            s.ws();
+            let (value, escaped) = read_value(s, src)?;
+            let bit = match &key[1..key.len() - 1] {
+                "role" => {
+                    m.role = token_str(value, escaped)?;
+                    1
+                }
+                "content" => {
+                    m.content = match value.as_bytes()[0] {
+                        b'n' => None,
+                        b'"' if !escaped => {
+                            Some(Content::Text(Cow::Borrowed(&value[1..value.len() - 1])))
+                        }
+                        b'"' if canonical_escapes(value.as_bytes()) => {
+                            m.content_token = true;
+                            Some(Content::Text(Cow::Borrowed(value)))
+                        }
+                        b'"' => Some(Content::Text(token_str(value, escaped)?)),
+                        b'[' => Some(Content::Parts(serde_json::from_str(value).ok()?)),
+                        _ => return None,
+                    };
+                    2
+                }
+                "name" => {
+                    m.name = opt_str(value, escaped)?;
+                    4
+                }
+                "tool_calls" => {
+                    m.tool_calls = match value.as_bytes()[0] {
+                        b'n' => None,
+                        b'[' => Some(serde_json::from_str(value).ok()?),
+                        _ => return None,
+                    };
+                    8
+                }
+                "tool_call_id" => {
+                    m.tool_call_id = opt_str(value, escaped)?;
+                    16
+                }
+                _ => 0,
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            s.ws();
+            if s.eat(b'}') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    (seen & 1 != 0).then_some(m)
+}
+
 type Converted<'a> = (Vec<Part<'a>>, Vec<Turn<'a>>);
 
 /// `raw` are the messages parsed from `src`.
@@ -461,13 +606,13 @@ fn convert_messages<'a>(src: &'a str, raw: &'a [Message<'a>]) -> Result<Converte
                 let text = text_of(&m.content);
                 if !text.is_empty() {
                     system.push(Part::Text {
-                        text: out_text(src, text),
+                        text: out_text(src, text, m.content_token),
                     });
                 }
             }
-            "user" => push_turn(&mut contents, "user", content_parts(src, &m.content)?),
+            "user" => push_turn(&mut contents, "user", content_parts(src, m)?),
             "assistant" => {
-                let mut parts = content_parts(src, &m.content)?;
+                let mut parts = content_parts(src, m)?;
                 for call in m.tool_calls.iter().flatten() {
                     let args = call.function.arguments.trim();
                     let args: &RawValue = if args.is_empty() {
@@ -509,7 +654,7 @@ fn convert_messages<'a>(src: &'a str, raw: &'a [Message<'a>]) -> Result<Converte
                     "user",
                     vec![Part::FunctionResponse {
                         name,
-                        content: out_text(src, text_of(&m.content)),
+                        content: out_text(src, text_of(&m.content), m.content_token),
                     }],
                 );
             }
@@ -1540,7 +1685,10 @@ fn chat_request(
     check_unsupported(unsupported, upstream_model, opts)?;
 
     let raw_messages = fields.messages.unwrap_or_default();
-    let messages: Vec<Message> = list_field(fields.messages, "messages")?;
+    let messages: Vec<Message> = match fields.messages.and_then(read_messages) {
+        Some(messages) => messages,
+        None => list_field(fields.messages, "messages")?,
+    };
     let (system, contents) = convert_messages(raw_messages, &messages)?;
 
     let mut config = GenerationConfig {
