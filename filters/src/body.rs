@@ -228,7 +228,7 @@ fn scan_object(src: &str) -> Option<FieldList<'_>> {
             s.eat(b':').then_some(())?;
             s.ws();
             let start = s.i;
-            s.value()?;
+            s.value_inline()?;
             // A repeated key: the last one wins, as in most JSON parsers.
             if out.iter().any(|(k, _)| k == key) {
                 out.retain(|(k, _)| k != key);
@@ -413,6 +413,12 @@ impl<'b> Scanner<'b> {
     /// One value, the scanner at its first byte (no whitespace before it). Nesting is kept
     /// as bits (1: an object), without recursion.
     pub(crate) fn value(&mut self) -> Option<()> {
+        self.value_inline()
+    }
+
+    /// [`Scanner::value`], inlined (into the body's scan, where it is most of the work).
+    #[inline(always)]
+    fn value_inline(&mut self) -> Option<()> {
         let mut stack: u64 = 0;
         let mut depth = 0u32;
         loop {
