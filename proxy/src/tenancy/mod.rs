@@ -274,19 +274,7 @@ impl Tenancy {
             .record(Kind::User, user_id)
             .await
             .map_err(unavailable)?;
-        let mut team: Option<TeamRecord> = self
-            .record(Kind::Team, team_id)
-            .await
-            .map_err(unavailable)?;
-        if let Some(t) = team.as_mut() {
-            if let Some(b) = self
-                .budget_limits(t.budget_id.as_deref())
-                .await
-                .map_err(unavailable)?
-            {
-                t.limits.inherit(&b);
-            }
-        }
+        let team = self.team(team_id).await.map_err(unavailable)?;
         let ctx = Arc::new(KeyContext {
             key: KeyRecord {
                 token: cache_key.clone(),
@@ -315,11 +303,27 @@ impl Tenancy {
         }
     }
 
-    async fn budget_limits(&self, budget_id: Option<&str>) -> Result<Option<Limits>, StoreError> {
-        Ok(self
-            .record::<BudgetRecord>(Kind::Budget, budget_id)
-            .await?
-            .map(|b| b.limits))
+    /// Completes `limits` from the budget row named by `budget_id`, if any.
+    async fn inherit_budget(
+        &self,
+        limits: &mut Limits,
+        budget_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        if let Some(b) = self.record::<BudgetRecord>(Kind::Budget, budget_id).await? {
+            limits.inherit(&b.limits);
+        }
+        Ok(())
+    }
+
+    /// A team with its limits completed from its budget row.
+    async fn team(&self, team_id: Option<&str>) -> Result<Option<TeamRecord>, StoreError> {
+        let mut team: Option<TeamRecord> = self.record(Kind::Team, team_id).await?;
+        if let Some(t) = team.as_mut() {
+            let budget = t.budget_id.clone();
+            self.inherit_budget(&mut t.limits, budget.as_deref())
+                .await?;
+        }
+        Ok(team)
     }
 
     async fn load_key(&self, token: &str) -> Result<Option<KeyContext>, StoreError> {
@@ -327,16 +331,11 @@ impl Tenancy {
             return Ok(None);
         };
         let mut key: KeyRecord = entity.record()?;
-        if let Some(b) = self.budget_limits(key.budget_id.as_deref()).await? {
-            key.limits.inherit(&b);
-        }
+        let budget = key.budget_id.clone();
+        self.inherit_budget(&mut key.limits, budget.as_deref())
+            .await?;
         let user: Option<UserRecord> = self.record(Kind::User, key.user_id.as_deref()).await?;
-        let mut team: Option<TeamRecord> = self.record(Kind::Team, key.team_id.as_deref()).await?;
-        if let Some(t) = team.as_mut() {
-            if let Some(b) = self.budget_limits(t.budget_id.as_deref()).await? {
-                t.limits.inherit(&b);
-            }
-        }
+        let team = self.team(key.team_id.as_deref()).await?;
         let mut model_spend = HashMap::new();
         for model in key.limits.model_max_budget.keys() {
             let id = format!("{token}/{model}");
@@ -364,13 +363,10 @@ impl Tenancy {
             .await
             .map_err(unavailable)?;
         if let Some(c) = c.as_mut() {
-            if let Some(b) = self
-                .budget_limits(c.budget_id.as_deref())
+            let budget = c.budget_id.clone();
+            self.inherit_budget(&mut c.limits, budget.as_deref())
                 .await
-                .map_err(unavailable)?
-            {
-                c.limits.inherit(&b);
-            }
+                .map_err(unavailable)?;
         }
         let c = c.map(Arc::new);
         let mut map = self.customers.write();
