@@ -336,6 +336,11 @@ fn key_defaults_and_bounds(t: &Tenancy, body: &mut Map<String, Value>) -> Result
             body.insert(k.clone(), v.clone());
         }
     }
+    check_key_bounds(t, body)
+}
+
+/// `upperbound_key_generate_params` caps what a key body may set (generate and update).
+fn check_key_bounds(t: &Tenancy, body: &Map<String, Value>) -> Result<(), ApiError> {
     for (k, bound) in &t.settings.upperbound_key_generate_params {
         if let (Some(limit), Some(v)) = (bound.as_f64(), body.get(k).and_then(Value::as_f64)) {
             if v > limit {
@@ -523,16 +528,7 @@ fn validate(kind: Kind, doc: &Map<String, Value>) -> Result<(), ApiError> {
 async fn key_update(t: &Tenancy, body: Map<String, Value>) -> Out {
     let token = key_token(&body).await?;
     let mut body = body;
-    key_defaults_and_bounds(t, &mut Map::new())?;
-    for (k, bound) in &t.settings.upperbound_key_generate_params {
-        if let (Some(limit), Some(v)) = (bound.as_f64(), body.get(k).and_then(Value::as_f64)) {
-            if v > limit {
-                return Err(ApiError::bad_request(format!(
-                    "{k} is over the limit set by upperbound_key_generate_params: {v} > {limit}"
-                )));
-            }
-        }
-    }
+    check_key_bounds(t, &body)?;
     if let Some(alias) = body.get("key_alias").and_then(Value::as_str) {
         check_alias_free(t, Some(alias), Some(&token)).await?;
     }

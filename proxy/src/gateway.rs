@@ -130,15 +130,8 @@ impl Gateway {
                 let k = t
                     .identity(id.user_id.as_deref(), id.team_id.as_deref())
                     .await?;
-                if let Some(team) = &k.team {
-                    if team.blocked {
-                        return Err(ApiError::new(
-                            403,
-                            "auth_error",
-                            format!("Authentication Error - Team={} is blocked.", team.team_id),
-                        ));
-                    }
-                }
+                // The same refusals as for keys (a JWT caller's team may be blocked).
+                t.check_key(&k)?;
                 let models = k
                     .team
                     .as_ref()
