@@ -1,0 +1,1 @@
+//! A model's shape, read from GGUF metadata or `config.json`.

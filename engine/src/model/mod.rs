@@ -1,0 +1,1 @@
+//! Model architectures run by the CPU executor.
