@@ -26,6 +26,7 @@ pub mod error;
 pub mod executor;
 pub mod gguf;
 pub mod kv;
+pub mod load;
 pub mod metrics;
 pub mod model;
 pub mod plan;
