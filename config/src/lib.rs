@@ -8,6 +8,7 @@
 
 mod lenient;
 mod load;
+pub mod local;
 mod model;
 pub mod provider;
 mod resolve;
@@ -15,7 +16,8 @@ mod resolve;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use load::parse_config;
+pub use load::{parse_config, parse_config_with_local_models};
+pub use local::LocalModel;
 pub use model::*;
 pub use provider::{split_model, ProviderKind, WireFormat};
 

@@ -3,7 +3,7 @@
 //! key path, not just the first.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -78,6 +78,9 @@ struct RawRoot {
     environment_variables: Option<Map<String, Value>>,
     #[serde(default)]
     credential_list: Option<Vec<Value>>,
+    /// Sluice's section for colocated engines (see `local.rs`).
+    #[serde(default)]
+    local_models: Option<Vec<Value>>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -354,6 +357,16 @@ fn env_number(name: &str) -> Option<f64> {
 
 /// Parses and validates config text. `source` is only used in messages.
 pub fn parse_config(text: &str, source: &Path) -> Result<Config, ConfigError> {
+    parse_config_with_local_models(text, source, &[])
+}
+
+/// As [`parse_config`], with `(model_name, model path)` pairs appended to `local_models` (the
+/// gateway's `--local-model NAME=PATH`).
+pub fn parse_config_with_local_models(
+    text: &str,
+    source: &Path,
+    extra_local_models: &[(String, PathBuf)],
+) -> Result<Config, ConfigError> {
     let err = |problems| ConfigError {
         file: source.to_path_buf(),
         problems,
@@ -376,6 +389,21 @@ pub fn parse_config(text: &str, source: &Path) -> Result<Config, ConfigError> {
             path: "(document)".into(),
             expected: "a mapping with model_list, router_settings, ... at the top level".into(),
         }]));
+    }
+    if !extra_local_models.is_empty() {
+        let list = doc
+            .as_object_mut()
+            .expect("checked above")
+            .entry("local_models")
+            .or_insert_with(|| Value::Array(vec![]));
+        if let Value::Array(list) = list {
+            for (name, model) in extra_local_models {
+                list.push(serde_json::json!({
+                    "model_name": name,
+                    "model": model.to_string_lossy(),
+                }));
+            }
+        }
     }
 
     // environment_variables are exported before any reference is resolved, as LiteLLM does.
@@ -440,8 +468,37 @@ pub fn parse_config(text: &str, source: &Path) -> Result<Config, ConfigError> {
 
     let environment = std::env::var("LITELLM_ENVIRONMENT").ok();
     let mut deployments = vec![];
-    for (i, entry) in root.model_list.unwrap_or_default().into_iter().enumerate() {
-        let path = format!("model_list[{i}]");
+    let mut model_list = root.model_list.unwrap_or_default();
+    let mut local_models = vec![];
+    for (i, entry) in root
+        .local_models
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let path = format!("local_models[{i}]");
+        let Some(raw) = loader.parse::<crate::local::RawLocalModel>(entry, &path) else {
+            continue;
+        };
+        loader.ignore_rest(&path, &raw.rest);
+        match crate::local::build_local_model(raw, &path) {
+            Ok((local, entry)) => {
+                // Local models route before the file's own entries of the same name.
+                model_list.insert(local_models.len(), entry);
+                local_models.push(local);
+            }
+            Err(problems) => {
+                for (path, expected) in problems {
+                    loader.problem(path, expected);
+                }
+            }
+        }
+    }
+    for (i, entry) in model_list.into_iter().enumerate() {
+        let path = match i.checked_sub(local_models.len()) {
+            None => format!("local_models[{i}]"),
+            Some(j) => format!("model_list[{j}]"),
+        };
         if let Some(raw) = loader.parse::<RawEntry>(entry, &path) {
             deployments.extend(build_deployments(
                 &mut loader,
@@ -469,6 +526,7 @@ pub fn parse_config(text: &str, source: &Path) -> Result<Config, ConfigError> {
         router,
         general,
         tenancy,
+        local_models,
         ignored_keys,
     })
 }

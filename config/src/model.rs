@@ -22,6 +22,8 @@ pub struct Config {
     pub router: RouterSettings,
     pub general: GeneralSettings,
     pub tenancy: TenancySettings,
+    /// `local_models`: engines the gateway starts and supervises.
+    pub local_models: Vec<crate::local::LocalModel>,
     /// Keys that were accepted but that Sluice does not act on (yet), as full key paths.
     pub ignored_keys: Vec<String>,
 }

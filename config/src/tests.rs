@@ -215,3 +215,65 @@ fn embedded_default_is_a_catch_all_wildcard() {
     assert_eq!(c.deployments.len(), 1);
     assert!(c.deployments[0].wildcard_capture("gpt-4o").is_some());
 }
+
+#[test]
+fn local_models_become_unix_socket_deployments() {
+    let dir = tempfile_dir();
+    let model = dir.join("tiny.gguf");
+    std::fs::write(&model, b"GGUF").unwrap();
+    let text = format!(
+        "local_models:\n  - model_name: tiny\n    model: {}\n    socket: {}/tiny.sock\n    args: [\"--threads\", 2]\nmodel_list:\n  - model_name: gpt-4o\n    litellm_params:\n      model: openai/gpt-4o\n",
+        model.display(),
+        dir.display()
+    );
+    let c = parse_config(&text, Path::new("c.yaml")).unwrap();
+    assert_eq!(c.local_models.len(), 1);
+    let local = &c.local_models[0];
+    assert_eq!(local.args, vec!["--threads".to_string(), "2".to_string()]);
+    assert_eq!(local.socket, dir.join("tiny.sock"));
+    let d = &c.deployments[0];
+    assert_eq!(d.model_name, "tiny");
+    assert_eq!(d.id, "local-tiny");
+    assert!(d.provider.is_hosted_vllm());
+    assert_eq!(
+        d.api_base.as_deref(),
+        Some(format!("unix:{}/tiny.sock", dir.display()).as_str())
+    );
+    assert_eq!(c.deployments[1].model_name, "gpt-4o");
+
+    // The gateway's --local-model flag adds entries to any config, the embedded one included.
+    let c = parse_config_with_local_models(
+        EMBEDDED_DEFAULT,
+        Path::new("<built-in>"),
+        &[("tiny".into(), model.clone())],
+    )
+    .unwrap();
+    assert_eq!(c.local_models[0].model_name, "tiny");
+    assert!(c.local_models[0]
+        .socket
+        .to_string_lossy()
+        .ends_with("sluice-engine-tiny.sock"));
+}
+
+#[test]
+fn local_model_problems_name_the_key() {
+    let text = "local_models:\n  - model_name: x\n    model: /nonexistent/m.gguf\n    socket: relative.sock\n  - model: /tmp\n";
+    let e = parse_config(text, Path::new("c.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("local_models[0].model: expected a GGUF file"),
+        "{e}"
+    );
+    assert!(
+        e.contains("local_models[0].socket: expected an absolute path"),
+        "{e}"
+    );
+    assert!(e.contains("local_models[1]"), "{e}");
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
