@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod engines;
 pub mod gateway;
 pub mod google_auth;
 pub mod import;

@@ -29,6 +29,10 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
+    /// Serve a model with a colocated sluice-engine: `NAME=PATH` (a GGUF file or a Hugging Face
+    /// folder); repeatable; added to the config's `local_models`.
+    #[arg(long = "local-model", value_name = "NAME=PATH", value_parser = parse_local_model)]
+    local_models: Vec<(String, PathBuf)>,
     /// Seconds in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     graceful_shutdown_secs: u64,
@@ -55,6 +59,41 @@ struct ImportArgs {
     /// sluice.db in the current directory) is where the rows go.
     #[arg(long, env = "CONFIG_FILE_PATH")]
     config: Option<PathBuf>,
+}
+
+fn parse_local_model(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("expected NAME=PATH, got `{s}`")),
+    }
+}
+
+/// The file (or the embedded default) with the `--local-model` pairs added.
+fn load_config(
+    path: Option<&PathBuf>,
+    local: &[(String, PathBuf)],
+) -> Result<sluice_config::Config, sluice_config::ConfigError> {
+    match path {
+        None => sluice_config::parse_config_with_local_models(
+            sluice_config::EMBEDDED_DEFAULT,
+            std::path::Path::new("<built-in>"),
+            local,
+        ),
+        Some(path) if local.is_empty() => sluice_config::load_file(path),
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| sluice_config::ConfigError {
+                    file: path.clone(),
+                    problems: vec![sluice_config::Problem {
+                        path: "(file)".into(),
+                        expected: format!("a readable file: {e}"),
+                    }],
+                })?;
+            sluice_config::parse_config_with_local_models(&text, path, local)
+        }
+    }
 }
 
 fn init_logging(json: bool) {
@@ -132,18 +171,15 @@ fn main() {
         }
     }
     init_logging(cli.json_logs);
-    let config = match &cli.config {
-        Some(path) => match sluice_config::load_file(path) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("{e}");
-                eprintln!("{e}");
-                std::process::exit(1);
-            }
-        },
-        None => {
-            tracing::info!("no --config or CONFIG_FILE_PATH: using the embedded default (any model name routed to the provider it names)");
-            sluice_config::embedded_default()
+    if cli.config.is_none() {
+        tracing::info!("no --config or CONFIG_FILE_PATH: using the embedded default (any model name routed to the provider it names)");
+    }
+    let config = match load_config(cli.config.as_ref(), &cli.local_models) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("{e}");
+            std::process::exit(1);
         }
     };
     if !config.ignored_keys.is_empty() {
@@ -194,6 +230,10 @@ fn main() {
     } else {
         None
     };
+    let local_models = config.local_models.clone();
+    let engines = (!local_models.is_empty()).then(|| {
+        background.block_on(sluice_proxy::engines::EngineSupervisor::start(&local_models))
+    });
     let app = match App::new(config, tenancy, metrics) {
         Ok(app) => Arc::new(app),
         Err(e) => {
@@ -217,6 +257,9 @@ fn main() {
     ) {
         eprintln!("sluice: {e}");
         std::process::exit(1);
+    }
+    if let Some(engines) = engines {
+        background.block_on(engines.stop(std::time::Duration::from_secs(10)));
     }
     // Requests answered after the drain's flush (keep-alive clients) have queued rows too:
     // with the server stopped, write whatever is left before the process exits.
