@@ -53,11 +53,10 @@ impl Listener {
     }
 }
 
-/// The model's sampling defaults (vLLM's today). The seam where the model's
-/// `generation_config.json` values go once the engine exposes them.
+/// The model's sampling defaults: vLLM's, overridden by the model's
+/// `generation_config.json`.
 pub fn sampling_defaults(handle: &EngineHandle) -> SamplingParams {
-    let _ = handle;
-    SamplingParams::default()
+    handle.sampling_defaults().clone()
 }
 
 /// All routes, on both listeners alike.
