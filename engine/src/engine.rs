@@ -303,6 +303,8 @@ struct RequestState {
     unfinished: usize,
     completion_tokens: usize,
     arrival: Instant,
+    /// When its first chunk ran (queue time ends).
+    scheduled_at: Option<Instant>,
     first_token_at: Option<Instant>,
     /// The worst finish reason over its choices, for the request counter.
     finish_reason: FinishReason,
@@ -419,6 +421,7 @@ impl EngineLoop {
                         seqs,
                         completion_tokens: 0,
                         arrival,
+                        scheduled_at: None,
                         first_token_at: None,
                         finish_reason: FinishReason::Stop,
                     },
@@ -449,6 +452,13 @@ impl EngineLoop {
 
     fn finish_request(&mut self, request: RequestState, reason: FinishReason) {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let (Some(scheduled), Some(first)) = (request.scheduled_at, request.first_token_at) {
+            self.metrics.observe_phases(
+                first.duration_since(scheduled).as_secs_f64(),
+                first.elapsed().as_secs_f64(),
+                request.completion_tokens,
+            );
+        }
         self.metrics.observe_finished(
             reason,
             request.arrival.elapsed().as_secs_f64(),
@@ -464,6 +474,14 @@ impl EngineLoop {
     }
 
     fn step(&mut self, plan: StepPlan) {
+        let started = Instant::now();
+        for chunk in &plan.chunks {
+            if let Some(seq) = self.seqs.get(&chunk.seq_id) {
+                if let Some(request) = self.requests.get_mut(&seq.request) {
+                    request.scheduled_at.get_or_insert(started);
+                }
+            }
+        }
         let logits = match self.executor.execute(&plan) {
             Ok(logits) => logits,
             Err(err) => {
@@ -560,7 +578,10 @@ impl EngineLoop {
             None => {
                 request.first_token_at = Some(now);
                 let since = now.duration_since(request.arrival).as_secs_f64();
-                self.metrics.observe_first_token(since, since);
+                let queued = request
+                    .scheduled_at
+                    .map_or(0.0, |at| at.duration_since(request.arrival).as_secs_f64());
+                self.metrics.observe_first_token(since, queued);
             }
             Some(_) => {
                 if let Some(last) = seq.last_token_at {
