@@ -809,7 +809,7 @@ mod tests {
             ..seeded(23)
         };
         let mut sampler = Sampler::new(&params, 0);
-        let got = sampler.sample(&params, &mut vec![0.0; 4], &ctx(&[], &[], &[2]));
+        let got = sampler.sample(&params, &mut [0.0; 4], &ctx(&[], &[], &[2]));
         assert_eq!(got.token, 2);
     }
 
@@ -856,7 +856,7 @@ mod tests {
             ..greedy()
         };
         let mut sampler = Sampler::new(&params, 0);
-        let got = sampler.sample(&params, &mut vec![0.0; 4], &ctx(&[], &[], &[]));
+        let got = sampler.sample(&params, &mut [0.0; 4], &ctx(&[], &[], &[]));
         let logprob = got.logprob.unwrap();
         assert_eq!(got.token, 0);
         assert!((logprob.logprob - 0.25f32.ln()).abs() < 1e-6);
@@ -866,7 +866,7 @@ mod tests {
             logprobs: Some(3),
             ..greedy()
         };
-        let got = sampler.sample(&params, &mut vec![1.0, 2.0, 2.0, 2.0], &ctx(&[], &[], &[]));
+        let got = sampler.sample(&params, &mut [1.0, 2.0, 2.0, 2.0], &ctx(&[], &[], &[]));
         let ids: Vec<u32> = got.logprob.unwrap().top.iter().map(|&(id, _)| id).collect();
         assert_eq!(ids, vec![1, 2, 3]);
     }
