@@ -57,6 +57,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Spinning worker threads (llama.cpp's OpenMP pool, ours) lose badly to other busy processes.
+load1=$(cut -d' ' -f1 /proc/loadavg)
+if python3 -c "import sys; sys.exit(0 if float('$load1') > 0.5 else 1)"; then
+  log "WARNING: 1-min load average is $load1: other work on this machine will skew the figures"
+fi
+
 gguf=$(scripts/fetch-models.sh "${MODELS_DIR:-$repo_root/models}" | head -n 1)
 log "model: $gguf"
 

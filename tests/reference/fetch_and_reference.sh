@@ -7,6 +7,10 @@
 #   finish_reason, top2_margins}, see smollm2_reference.py)
 # Usage: tests/reference/fetch_and_reference.sh [MODELS_DIR]   (default: models/ at the repo root)
 #
+# The prompts were picked so that every greedy step has a top-2 logit margin of at least 0.45
+# (see top2_margins): float32 numpy and llama.cpp (Q8 activations) then agree on every id, so an
+# engine must match the reference ids exactly. Prompt ids also equal llama.cpp's tokenizer's.
+#
 # The reference takes ~10 s, so its output is cached next to the models under a key hashed from
 # the reference script, the prompts, the pinned requirements and this file: reruns are instant,
 # and any change to how the reference is computed recomputes it.
