@@ -30,6 +30,9 @@
 # Environment: THREADS (2), PORT (8199), MODELS_DIR, PEER_VENV, CONCURRENCY ("1 8 32"),
 # DECODE_TOKENS (128), PROMPT_TOKENS (256), REPS (3), SKIP_BUILD=1, SKIP_PEER=1, SKIP_ENGINE=1,
 # CARGO_TARGET_DIR (default target/), ENGINE_LOG (RUST_LOG for the server).
+# Run it on an otherwise idle machine: llama.cpp's OpenMP threads spin-wait, and with other
+# processes on the same cores its 2-thread decode fell from ~50 to 3-22 tokens/s here.
+# OMP_WAIT_POLICY=passive (passed through) makes it degrade gracefully instead.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo_root=$(pwd)
