@@ -402,7 +402,7 @@ impl EngineLoop {
                             index,
                             sampler: Sampler::new(&params, index),
                             output: Vec::new(),
-                            decoder: IncrementalDecoder::new(params.skip_special_tokens),
+                            decoder: IncrementalDecoder::with_prompt(params.skip_special_tokens, &prompt),
                             stop: StopMatcher::new(&params.stop, params.include_stop_str_in_output),
                             last_token_at: None,
                             done: false,
@@ -614,6 +614,10 @@ impl EngineLoop {
             finish = Some((FinishReason::Length, None));
         }
         if matches!(&finish, Some((_, reason)) if !matches!(reason, Some(StopReason::Text(_)))) {
+            // The end: release an incomplete trailing character and held-back stop prefixes.
+            let tail = seq.decoder.flush(&self.tokenizer);
+            let check = seq.stop.push(&tail);
+            text.push_str(&check.emit);
             text.push_str(&seq.stop.flush());
         }
         let _ = request.events.send(GenerateEvent::Delta {
