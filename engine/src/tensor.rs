@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use crate::quant::GgmlType;
+use rayon::prelude::*;
+
+use crate::quant::{float_dot, quant_dot, ActRow, GgmlType, QuantizedActs};
 
 /// Where a tensor's bytes live: a read-only file mapping (GGUF, safetensors) or owned memory.
 #[derive(Clone)]
@@ -93,16 +95,104 @@ impl QTensor {
 
 /// `out[i][j] = sum_k x[i][k] * w[j][k]` for `n` rows of `x` (`x.len() == n * w.cols()`,
 /// `out.len() == n * w.rows()`): a linear layer without bias. Multi-threaded over weight rows.
+///
+/// Quantised weights multiply 8-bit activations (each x row quantised once, on its own); float
+/// weights multiply x directly. Every output element is one dot product with a fixed summation
+/// order, so it is bit-identical whatever `n`, the row's place in the batch or the thread count.
 pub fn matmul(w: &QTensor, x: &[f32], n: usize, out: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
-    assert_eq!(x.len(), n * cols);
-    assert_eq!(out.len(), n * rows);
-    let mut row = vec![0.0f32; cols];
-    for j in 0..rows {
-        w.row_f32(j, &mut row);
-        for i in 0..n {
-            let xi = &x[i * cols..(i + 1) * cols];
-            out[i * rows + j] = xi.iter().zip(&row).map(|(a, b)| a * b).sum();
+    assert_eq!(x.len(), n * cols, "{}: x is not n × {cols}", w.name);
+    assert_eq!(out.len(), n * rows, "{}: out is not n × {rows}", w.name);
+    match w.dtype.act_format() {
+        Some(format) => {
+            let acts = QuantizedActs::quantize(format, x, n, cols);
+            matmul_quantized(w, &acts, out);
         }
+        None => {
+            let dot = float_dot(w.dtype).expect("float weight type");
+            let (bytes, rb) = (w.bytes(), w.row_bytes());
+            assert!(bytes.len() >= rows * rb, "{}: storage too short", w.name);
+            let x_rows: Vec<&[f32]> = x.chunks_exact(cols.max(1)).take(n).collect();
+            for_each_cell(rows, n, cols, out, |j, i| {
+                dot(&bytes[j * rb..(j + 1) * rb], x_rows[i])
+            });
+        }
+    }
+}
+
+/// [`matmul`] with activations already quantised (`acts.format == w.dtype.act_format()`), so
+/// several weights that read the same input (q, k, v; gate, up) quantise it once.
+pub fn matmul_quantized(w: &QTensor, acts: &QuantizedActs, out: &mut [f32]) {
+    let (rows, cols, n) = (w.rows(), w.cols(), acts.rows);
+    assert_eq!(
+        Some(acts.format),
+        w.dtype.act_format(),
+        "{}: activations quantised for another weight type",
+        w.name
+    );
+    assert_eq!(acts.cols, cols, "{}: activation width", w.name);
+    assert_eq!(out.len(), n * rows, "{}: out is not n × {rows}", w.name);
+    let dot = quant_dot(w.dtype).expect("quantised weight type");
+    let (bytes, rb) = (w.bytes(), w.row_bytes());
+    assert!(bytes.len() >= rows * rb, "{}: storage too short", w.name);
+    let act_rows: Vec<ActRow<'_>> = (0..n).map(|i| acts.row(i)).collect();
+    for_each_cell(rows, n, cols, out, |j, i| {
+        dot(&bytes[j * rb..(j + 1) * rb], &act_rows[i])
+    });
+}
+
+/// Below this many multiply-adds a product runs on the calling thread: waking the pool costs
+/// more than it saves.
+const PARALLEL_MIN_MACS: usize = 64 * 1024;
+/// x rows multiplied per pass over a weight chunk: their quantised rows stay in L1 while each
+/// weight row is read once per pass.
+const X_TILE: usize = 8;
+
+/// `out[i * rows + j] = cell(j, i)` for every weight row `j` and x row `i`, weight rows split
+/// into chunks over the rayon pool. Each element is written by exactly one call, so how the work
+/// is split never changes a value.
+fn for_each_cell(
+    rows: usize,
+    n: usize,
+    cols: usize,
+    out: &mut [f32],
+    cell: impl Fn(usize, usize) -> f32 + Sync,
+) {
+    assert_eq!(out.len(), rows * n);
+    let run_chunk = |start: usize, end: usize, out: OutPtr| {
+        for i0 in (0..n).step_by(X_TILE) {
+            for j in start..end {
+                for i in i0..(i0 + X_TILE).min(n) {
+                    // SAFETY: i < n and j < rows, so the index is in bounds; chunks cover
+                    // disjoint row ranges, so no two threads write the same element.
+                    unsafe { *out.at(i * rows + j) = cell(j, i) };
+                }
+            }
+        }
+    };
+    let out = OutPtr(out.as_mut_ptr());
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || rows * n * cols < PARALLEL_MIN_MACS || rows < 2 {
+        run_chunk(0, rows, out);
+        return;
+    }
+    // A few chunks per thread so work stealing evens out uneven progress.
+    let chunk = rows.div_ceil(threads * 4).max(4);
+    let chunks = rows.div_ceil(chunk);
+    (0..chunks)
+        .into_par_iter()
+        .for_each(|c| run_chunk(c * chunk, ((c + 1) * chunk).min(rows), out));
+}
+
+/// The output buffer shared by the row-chunk workers (each writes only its own rows).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: workers write disjoint elements (see `for_each_cell`) and the buffer outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    /// A method rather than field access, so closures capture the whole (Sync) wrapper.
+    fn at(self, index: usize) -> *mut f32 {
+        self.0.wrapping_add(index)
     }
 }
