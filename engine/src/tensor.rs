@@ -196,3 +196,131 @@ impl OutPtr {
         self.0.wrapping_add(index)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::quantize;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    const ALL_TYPES: [GgmlType; 8] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ];
+
+    fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    fn weight(ty: GgmlType, rows: usize, cols: usize, values: &[f32]) -> QTensor {
+        QTensor {
+            name: format!("w.{ty:?}"),
+            dtype: ty,
+            shape: vec![rows, cols],
+            storage: Storage::Owned(Arc::new(quantize(ty, values))),
+        }
+    }
+
+    fn run(w: &QTensor, x: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; n * w.rows()];
+        matmul(w, x, n, &mut out);
+        out
+    }
+
+    #[test]
+    fn each_output_is_bit_identical_alone_batched_and_on_any_thread_count() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (rows, cols, n) = (96, 512, 7);
+        let x = random(&mut rng, n * cols);
+        for ty in ALL_TYPES {
+            let w = weight(ty, rows, cols, &random(&mut rng, rows * cols));
+            let batched = run(&w, &x, n);
+            for i in 0..n {
+                let alone = run(&w, &x[i * cols..(i + 1) * cols], 1);
+                let row = &batched[i * rows..(i + 1) * rows];
+                assert!(
+                    alone
+                        .iter()
+                        .zip(row)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty:?}: row {i} differs alone and batched"
+                );
+            }
+            // Batch order must not matter either: reverse the rows.
+            let reversed: Vec<f32> = x.chunks(cols).rev().flatten().copied().collect();
+            let rev_out = run(&w, &reversed, n);
+            for i in 0..n {
+                assert_eq!(
+                    rev_out[(n - 1 - i) * rows..(n - i) * rows],
+                    batched[i * rows..(i + 1) * rows],
+                    "{ty:?}: row {i} changed with its batch position"
+                );
+            }
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let other = pool.install(|| run(&w, &x, n));
+                assert!(
+                    other
+                        .iter()
+                        .zip(&batched)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty:?}: {threads} threads changed the result"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_a_float_reference() {
+        // Reference: f64 dot of the dequantised weights with the unquantised x. Quantised types
+        // differ by the activation rounding (≤ half a step of amax/127 per value).
+        let mut rng = StdRng::seed_from_u64(2);
+        let (rows, cols, n) = (40, 256, 3);
+        let x = random(&mut rng, n * cols);
+        for ty in ALL_TYPES {
+            let w = weight(ty, rows, cols, &random(&mut rng, rows * cols));
+            let wf = w.to_f32();
+            let out = run(&w, &x, n);
+            for i in 0..n {
+                let xi = &x[i * cols..(i + 1) * cols];
+                let amax = xi.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+                for j in 0..rows {
+                    let wj = &wf[j * cols..(j + 1) * cols];
+                    let want: f64 = wj.iter().zip(xi).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let l1: f64 = wj.iter().map(|&a| (a as f64).abs()).sum();
+                    let bound = if ty.is_quantized() {
+                        l1 * amax / 254.0
+                    } else {
+                        0.0
+                    } + 1e-4;
+                    let got = out[i * rows + j] as f64;
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "{ty:?} [{i},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pre_quantised_activations_give_the_same_bits() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (rows, cols, n) = (32, 256, 2);
+        let x = random(&mut rng, n * cols);
+        let w = weight(GgmlType::Q4_1, rows, cols, &random(&mut rng, rows * cols));
+        let acts = QuantizedActs::quantize(GgmlType::Q4_1.act_format().unwrap(), &x, n, cols);
+        let mut out = vec![0.0; n * rows];
+        matmul_quantized(&w, &acts, &mut out);
+        assert_eq!(out, run(&w, &x, n));
+    }
+}
