@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use crate::quant::GgmlType;
+use rayon::prelude::*;
+
+use crate::quant::{float_dot, quant_dot, ActRow, GgmlType, QuantizedActs};
 
 /// Where a tensor's bytes live: a read-only file mapping (GGUF, safetensors) or owned memory.
 #[derive(Clone)]
@@ -93,16 +95,232 @@ impl QTensor {
 
 /// `out[i][j] = sum_k x[i][k] * w[j][k]` for `n` rows of `x` (`x.len() == n * w.cols()`,
 /// `out.len() == n * w.rows()`): a linear layer without bias. Multi-threaded over weight rows.
+///
+/// Quantised weights multiply 8-bit activations (each x row quantised once, on its own); float
+/// weights multiply x directly. Every output element is one dot product with a fixed summation
+/// order, so it is bit-identical whatever `n`, the row's place in the batch or the thread count.
 pub fn matmul(w: &QTensor, x: &[f32], n: usize, out: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
-    assert_eq!(x.len(), n * cols);
-    assert_eq!(out.len(), n * rows);
-    let mut row = vec![0.0f32; cols];
-    for j in 0..rows {
-        w.row_f32(j, &mut row);
-        for i in 0..n {
-            let xi = &x[i * cols..(i + 1) * cols];
-            out[i * rows + j] = xi.iter().zip(&row).map(|(a, b)| a * b).sum();
+    assert_eq!(x.len(), n * cols, "{}: x is not n × {cols}", w.name);
+    assert_eq!(out.len(), n * rows, "{}: out is not n × {rows}", w.name);
+    match w.dtype.act_format() {
+        Some(format) => {
+            let acts = QuantizedActs::quantize(format, x, n, cols);
+            matmul_quantized(w, &acts, out);
         }
+        None => {
+            let dot = float_dot(w.dtype).expect("float weight type");
+            let (bytes, rb) = (w.bytes(), w.row_bytes());
+            assert!(bytes.len() >= rows * rb, "{}: storage too short", w.name);
+            let x_rows: Vec<&[f32]> = x.chunks_exact(cols.max(1)).take(n).collect();
+            for_each_cell(rows, n, cols, out, |j, i| {
+                dot(&bytes[j * rb..(j + 1) * rb], x_rows[i])
+            });
+        }
+    }
+}
+
+/// [`matmul`] with activations already quantised (`acts.format == w.dtype.act_format()`), so
+/// several weights that read the same input (q, k, v; gate, up) quantise it once.
+pub fn matmul_quantized(w: &QTensor, acts: &QuantizedActs, out: &mut [f32]) {
+    let (rows, cols, n) = (w.rows(), w.cols(), acts.rows);
+    assert_eq!(
+        Some(acts.format),
+        w.dtype.act_format(),
+        "{}: activations quantised for another weight type",
+        w.name
+    );
+    assert_eq!(acts.cols, cols, "{}: activation width", w.name);
+    assert_eq!(out.len(), n * rows, "{}: out is not n × {rows}", w.name);
+    let dot = quant_dot(w.dtype).expect("quantised weight type");
+    let (bytes, rb) = (w.bytes(), w.row_bytes());
+    assert!(bytes.len() >= rows * rb, "{}: storage too short", w.name);
+    let act_rows: Vec<ActRow<'_>> = (0..n).map(|i| acts.row(i)).collect();
+    for_each_cell(rows, n, cols, out, |j, i| {
+        dot(&bytes[j * rb..(j + 1) * rb], &act_rows[i])
+    });
+}
+
+/// Below this many multiply-adds a product runs on the calling thread: waking the pool costs
+/// more than it saves.
+const PARALLEL_MIN_MACS: usize = 64 * 1024;
+/// x rows multiplied per pass over a weight chunk: their quantised rows stay in L1 while each
+/// weight row is read once per pass.
+const X_TILE: usize = 8;
+
+/// `out[i * rows + j] = cell(j, i)` for every weight row `j` and x row `i`, weight rows split
+/// into chunks over the rayon pool. Each element is written by exactly one call, so how the work
+/// is split never changes a value.
+fn for_each_cell(
+    rows: usize,
+    n: usize,
+    cols: usize,
+    out: &mut [f32],
+    cell: impl Fn(usize, usize) -> f32 + Sync,
+) {
+    assert_eq!(out.len(), rows * n);
+    let run_chunk = |start: usize, end: usize, out: OutPtr| {
+        for i0 in (0..n).step_by(X_TILE) {
+            for j in start..end {
+                for i in i0..(i0 + X_TILE).min(n) {
+                    // SAFETY: i < n and j < rows, so the index is in bounds; chunks cover
+                    // disjoint row ranges, so no two threads write the same element.
+                    unsafe { *out.at(i * rows + j) = cell(j, i) };
+                }
+            }
+        }
+    };
+    let out = OutPtr(out.as_mut_ptr());
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || rows * n * cols < PARALLEL_MIN_MACS || rows < 2 {
+        run_chunk(0, rows, out);
+        return;
+    }
+    // A few chunks per thread so work stealing evens out uneven progress.
+    let chunk = rows.div_ceil(threads * 4).max(4);
+    let chunks = rows.div_ceil(chunk);
+    (0..chunks)
+        .into_par_iter()
+        .for_each(|c| run_chunk(c * chunk, ((c + 1) * chunk).min(rows), out));
+}
+
+/// The output buffer shared by the row-chunk workers (each writes only its own rows).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: workers write disjoint elements (see `for_each_cell`) and the buffer outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    /// A method rather than field access, so closures capture the whole (Sync) wrapper.
+    fn at(self, index: usize) -> *mut f32 {
+        self.0.wrapping_add(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::quantize;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    const ALL_TYPES: [GgmlType; 8] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ];
+
+    fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    fn weight(ty: GgmlType, rows: usize, cols: usize, values: &[f32]) -> QTensor {
+        QTensor {
+            name: format!("w.{ty:?}"),
+            dtype: ty,
+            shape: vec![rows, cols],
+            storage: Storage::Owned(Arc::new(quantize(ty, values))),
+        }
+    }
+
+    fn run(w: &QTensor, x: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; n * w.rows()];
+        matmul(w, x, n, &mut out);
+        out
+    }
+
+    #[test]
+    fn each_output_is_bit_identical_alone_batched_and_on_any_thread_count() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (rows, cols, n) = (96, 512, 7);
+        let x = random(&mut rng, n * cols);
+        for ty in ALL_TYPES {
+            let w = weight(ty, rows, cols, &random(&mut rng, rows * cols));
+            let batched = run(&w, &x, n);
+            for i in 0..n {
+                let alone = run(&w, &x[i * cols..(i + 1) * cols], 1);
+                let row = &batched[i * rows..(i + 1) * rows];
+                assert!(
+                    alone
+                        .iter()
+                        .zip(row)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty:?}: row {i} differs alone and batched"
+                );
+            }
+            // Batch order must not matter either: reverse the rows.
+            let reversed: Vec<f32> = x.chunks(cols).rev().flatten().copied().collect();
+            let rev_out = run(&w, &reversed, n);
+            for i in 0..n {
+                assert_eq!(
+                    rev_out[(n - 1 - i) * rows..(n - i) * rows],
+                    batched[i * rows..(i + 1) * rows],
+                    "{ty:?}: row {i} changed with its batch position"
+                );
+            }
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let other = pool.install(|| run(&w, &x, n));
+                assert!(
+                    other
+                        .iter()
+                        .zip(&batched)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty:?}: {threads} threads changed the result"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_a_float_reference() {
+        // Reference: f64 dot of the dequantised weights with the unquantised x. Quantised types
+        // differ by the activation rounding (≤ half a step of amax/127 per value).
+        let mut rng = StdRng::seed_from_u64(2);
+        let (rows, cols, n) = (40, 256, 3);
+        let x = random(&mut rng, n * cols);
+        for ty in ALL_TYPES {
+            let w = weight(ty, rows, cols, &random(&mut rng, rows * cols));
+            let wf = w.to_f32();
+            let out = run(&w, &x, n);
+            for i in 0..n {
+                let xi = &x[i * cols..(i + 1) * cols];
+                let amax = xi.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+                for j in 0..rows {
+                    let wj = &wf[j * cols..(j + 1) * cols];
+                    let want: f64 = wj.iter().zip(xi).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let l1: f64 = wj.iter().map(|&a| (a as f64).abs()).sum();
+                    let bound = if ty.is_quantized() {
+                        l1 * amax / 254.0
+                    } else {
+                        0.0
+                    } + 1e-4;
+                    let got = out[i * rows + j] as f64;
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "{ty:?} [{i},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pre_quantised_activations_give_the_same_bits() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (rows, cols, n) = (32, 256, 2);
+        let x = random(&mut rng, n * cols);
+        let w = weight(GgmlType::Q4_1, rows, cols, &random(&mut rng, rows * cols));
+        let acts = QuantizedActs::quantize(GgmlType::Q4_1.act_format().unwrap(), &x, n, cols);
+        let mut out = vec![0.0; n * rows];
+        matmul_quantized(&w, &acts, &mut out);
+        assert_eq!(out, run(&w, &x, n));
     }
 }
