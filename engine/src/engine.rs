@@ -402,7 +402,10 @@ impl EngineLoop {
                             index,
                             sampler: Sampler::new(&params, index),
                             output: Vec::new(),
-                            decoder: IncrementalDecoder::with_prompt(params.skip_special_tokens, &prompt),
+                            decoder: IncrementalDecoder::with_prompt(
+                                params.skip_special_tokens,
+                                &prompt,
+                            ),
                             stop: StopMatcher::new(&params.stop, params.include_stop_str_in_output),
                             last_token_at: None,
                             done: false,

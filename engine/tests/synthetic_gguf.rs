@@ -51,8 +51,14 @@ fn decode(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
                 } else {
                     (f16_at(b, 2), &b[4..20], 0.0)
                 };
-                let lo: Vec<f32> = qs.iter().map(|q| d * ((q & 15) as f32 + offset) + m).collect();
-                let hi: Vec<f32> = qs.iter().map(|q| d * ((q >> 4) as f32 + offset) + m).collect();
+                let lo: Vec<f32> = qs
+                    .iter()
+                    .map(|q| d * ((q & 15) as f32 + offset) + m)
+                    .collect();
+                let hi: Vec<f32> = qs
+                    .iter()
+                    .map(|q| d * ((q >> 4) as f32 + offset) + m)
+                    .collect();
                 y.extend(lo);
                 y.extend(hi);
             }
@@ -157,7 +163,10 @@ impl Reference {
     }
     fn norm(x: &[f32], g: &[f32]) -> Vec<f32> {
         let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-        x.iter().zip(g).map(|(v, g)| v / (ms + EPS).sqrt() * g).collect()
+        x.iter()
+            .zip(g)
+            .map(|(v, g)| v / (ms + EPS).sqrt() * g)
+            .collect()
     }
     fn rope(x: &mut [f32], pos: usize) {
         for head in x.chunks_mut(HEAD_DIM) {
@@ -166,7 +175,11 @@ impl Reference {
                 .map(|i| {
                     let freq = THETA.powf(-2.0 * (i % half) as f32 / HEAD_DIM as f32);
                     let (sin, cos) = (pos as f32 * freq).sin_cos();
-                    let other = if i < half { -head[i + half] } else { head[i - half] };
+                    let other = if i < half {
+                        -head[i + half]
+                    } else {
+                        head[i - half]
+                    };
                     head[i] * cos + other * sin
                 })
                 .collect();
@@ -181,8 +194,10 @@ impl Reference {
             .collect();
         for l in 0..LAYERS {
             let p = |s: &str| format!("blk.{l}.{s}");
-            let hs: Vec<Vec<f32>> =
-                xs.iter().map(|x| Self::norm(x, self.w(&p("attn_norm.weight")))).collect();
+            let hs: Vec<Vec<f32>> = xs
+                .iter()
+                .map(|x| Self::norm(x, self.w(&p("attn_norm.weight"))))
+                .collect();
             let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
             for (pos, h) in hs.iter().enumerate() {
                 let mut q = self.linear(&p("attn_q.weight"), h);
@@ -218,7 +233,11 @@ impl Reference {
                 let h = Self::norm(&xs[i], self.w(&p("ffn_norm.weight")));
                 let g = self.linear(&p("ffn_gate.weight"), &h);
                 let u = self.linear(&p("ffn_up.weight"), &h);
-                let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let a: Vec<f32> = g
+                    .iter()
+                    .zip(&u)
+                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
                 let d = self.linear(&p("ffn_down.weight"), &a);
                 xs[i].iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             }
@@ -235,7 +254,13 @@ fn build(path: &std::path::Path) -> Reference {
     let mut reference = Reference {
         weights: Default::default(),
     };
-    let mut add = |name: String, ty: GgmlType, rows: usize, cols: usize, scale: f32, offset: f32, permute: Option<usize>| {
+    let mut add = |name: String,
+                   ty: GgmlType,
+                   rows: usize,
+                   cols: usize,
+                   scale: f32,
+                   offset: f32,
+                   permute: Option<usize>| {
         let mut values: Vec<f32> = (0..rows * cols)
             .map(|_| offset + scale * (rng.gen::<f32>() * 2.0 - 1.0))
             .collect();
@@ -248,32 +273,139 @@ fn build(path: &std::path::Path) -> Reference {
             decoded = unpermute_rows(&decoded, heads, cols);
         }
         reference.weights.insert(name.clone(), decoded);
-        let dims = if rows == 1 { vec![cols as u64] } else { vec![cols as u64, rows as u64] };
+        let dims = if rows == 1 {
+            vec![cols as u64]
+        } else {
+            vec![cols as u64, rows as u64]
+        };
         tensors.push((name, ty, dims, bytes));
     };
-    add("token_embd.weight".into(), GgmlType::Q8_0, VOCAB, HIDDEN, 1.0, 0.0, None);
+    add(
+        "token_embd.weight".into(),
+        GgmlType::Q8_0,
+        VOCAB,
+        HIDDEN,
+        1.0,
+        0.0,
+        None,
+    );
     for l in 0..LAYERS {
         let p = |s: &str| format!("blk.{l}.{s}");
-        add(p("attn_norm.weight"), GgmlType::F32, 1, HIDDEN, 0.2, 1.0, None);
-        add(p("attn_q.weight"), GgmlType::Q4_1, HEADS * HEAD_DIM, HIDDEN, 0.15, 0.0, Some(HEADS));
-        add(p("attn_k.weight"), GgmlType::Q4_0, KV_HEADS * HEAD_DIM, HIDDEN, 0.15, 0.0, Some(KV_HEADS));
-        add(p("attn_v.weight"), GgmlType::Q6_K, KV_HEADS * HEAD_DIM, HIDDEN, 0.15, 0.0, None);
-        add(p("attn_output.weight"), GgmlType::Q4_K, HIDDEN, HEADS * HEAD_DIM, 0.1, 0.0, None);
-        add(p("ffn_norm.weight"), GgmlType::F32, 1, HIDDEN, 0.2, 1.0, None);
-        add(p("ffn_gate.weight"), GgmlType::Q4_K, FFN, HIDDEN, 0.15, 0.0, None);
-        add(p("ffn_up.weight"), GgmlType::Q4_1, FFN, HIDDEN, 0.15, 0.0, None);
-        add(p("ffn_down.weight"), GgmlType::Q6_K, HIDDEN, FFN, 0.1, 0.0, None);
+        add(
+            p("attn_norm.weight"),
+            GgmlType::F32,
+            1,
+            HIDDEN,
+            0.2,
+            1.0,
+            None,
+        );
+        add(
+            p("attn_q.weight"),
+            GgmlType::Q4_1,
+            HEADS * HEAD_DIM,
+            HIDDEN,
+            0.15,
+            0.0,
+            Some(HEADS),
+        );
+        add(
+            p("attn_k.weight"),
+            GgmlType::Q4_0,
+            KV_HEADS * HEAD_DIM,
+            HIDDEN,
+            0.15,
+            0.0,
+            Some(KV_HEADS),
+        );
+        add(
+            p("attn_v.weight"),
+            GgmlType::Q6_K,
+            KV_HEADS * HEAD_DIM,
+            HIDDEN,
+            0.15,
+            0.0,
+            None,
+        );
+        add(
+            p("attn_output.weight"),
+            GgmlType::Q4_K,
+            HIDDEN,
+            HEADS * HEAD_DIM,
+            0.1,
+            0.0,
+            None,
+        );
+        add(
+            p("ffn_norm.weight"),
+            GgmlType::F32,
+            1,
+            HIDDEN,
+            0.2,
+            1.0,
+            None,
+        );
+        add(
+            p("ffn_gate.weight"),
+            GgmlType::Q4_K,
+            FFN,
+            HIDDEN,
+            0.15,
+            0.0,
+            None,
+        );
+        add(
+            p("ffn_up.weight"),
+            GgmlType::Q4_1,
+            FFN,
+            HIDDEN,
+            0.15,
+            0.0,
+            None,
+        );
+        add(
+            p("ffn_down.weight"),
+            GgmlType::Q6_K,
+            HIDDEN,
+            FFN,
+            0.1,
+            0.0,
+            None,
+        );
     }
-    add("output_norm.weight".into(), GgmlType::F32, 1, HIDDEN, 0.2, 1.0, None);
+    add(
+        "output_norm.weight".into(),
+        GgmlType::F32,
+        1,
+        HIDDEN,
+        0.2,
+        1.0,
+        None,
+    );
     let s = |v: &str| MetaValue::String(v.into());
     let metadata = vec![
         ("general.architecture".to_string(), s("llama")),
-        ("llama.embedding_length".into(), MetaValue::U32(HIDDEN as u32)),
+        (
+            "llama.embedding_length".into(),
+            MetaValue::U32(HIDDEN as u32),
+        ),
         ("llama.block_count".into(), MetaValue::U32(LAYERS as u32)),
-        ("llama.feed_forward_length".into(), MetaValue::U32(FFN as u32)),
-        ("llama.attention.head_count".into(), MetaValue::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv".into(), MetaValue::U32(KV_HEADS as u32)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), MetaValue::F32(EPS)),
+        (
+            "llama.feed_forward_length".into(),
+            MetaValue::U32(FFN as u32),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            MetaValue::U32(HEADS as u32),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            MetaValue::U32(KV_HEADS as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            MetaValue::F32(EPS),
+        ),
         ("llama.rope.freq_base".into(), MetaValue::F32(THETA)),
         ("llama.context_length".into(), MetaValue::U32(128)),
     ];
@@ -313,18 +445,29 @@ fn synthetic_quantised_gguf_llama_matches_an_independent_reference() {
         // so logits agree to within activation rounding, not bit for bit.
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         for (g, w) in logits.iter().zip(&want) {
-            assert!((g - w).abs() <= 0.03 * scale, "engine {g} vs reference {w} (scale {scale})");
+            assert!(
+                (g - w).abs() <= 0.03 * scale,
+                "engine {g} vs reference {w} (scale {scale})"
+            );
         }
         let mut order: Vec<usize> = (0..VOCAB).collect();
         order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
-        let engine_pick = (0..VOCAB).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+        let engine_pick = (0..VOCAB)
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .unwrap();
         // Greedy tokens must agree wherever the reference's choice is not a near-tie.
         if want[order[0]] - want[order[1]] > 0.06 * scale {
-            assert_eq!(engine_pick, order[0], "greedy token differs from the reference");
+            assert_eq!(
+                engine_pick, order[0],
+                "greedy token differs from the reference"
+            );
             checked_greedy += 1;
         }
         tokens.push(engine_pick as u32);
         logits = step(&tokens, tokens.len() - 1);
     }
-    assert!(checked_greedy >= 4, "too few decisive steps to compare greedy tokens");
+    assert!(
+        checked_greedy >= 4,
+        "too few decisive steps to compare greedy tokens"
+    );
 }

@@ -62,15 +62,71 @@ impl Naming {
     }
 }
 
+/// Projections whose outputs are concatenated (q|k|v, gate|up). Neighbours of the same element
+/// type are stacked row-wise so one matmul computes them; Q4_K_M files mix types (v in Q6_K), so
+/// there may be several groups.
+struct Stacked {
+    groups: Vec<QTensor>,
+    rows: usize,
+}
+
+impl Stacked {
+    fn new(name: &str, parts: Vec<QTensor>) -> Result<Self> {
+        let rows = parts.iter().map(QTensor::rows).sum();
+        let mut groups: Vec<Vec<QTensor>> = Vec::new();
+        for part in parts {
+            match groups.last_mut() {
+                Some(group) if group[0].dtype == part.dtype => group.push(part),
+                _ => groups.push(vec![part]),
+            }
+        }
+        let groups = groups
+            .into_iter()
+            .map(|g| {
+                if g.len() == 1 {
+                    Ok(g.into_iter().next().expect("one"))
+                } else {
+                    stack_rows(name, &g)
+                }
+            })
+            .collect::<Result<_>>()?;
+        Ok(Stacked { groups, rows })
+    }
+
+    fn dtype(&self) -> GgmlType {
+        self.groups[0].dtype
+    }
+
+    /// `out` is `[n][rows]`, each row the concatenation of the parts' outputs.
+    fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        if let [only] = self.groups.as_slice() {
+            return matmul(only, x, n, out);
+        }
+        let mut offset = 0;
+        for group in &self.groups {
+            let g_rows = group.rows();
+            let mut part = vec![0.0f32; n * g_rows];
+            matmul(group, x, n, &mut part);
+            for (dst, src) in out
+                .chunks_exact_mut(self.rows)
+                .zip(part.chunks_exact(g_rows))
+            {
+                dst[offset..offset + g_rows].copy_from_slice(src);
+            }
+            offset += g_rows;
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Vec<f32>,
-    /// q, k and v projections stacked row-wise so one matmul computes all three.
-    qkv: QTensor,
+    /// q, k and v projections.
+    qkv: Stacked,
     qkv_bias: Option<Vec<f32>>,
     o: QTensor,
     ffn_norm: Vec<f32>,
-    /// gate and up projections stacked row-wise.
-    gate_up: QTensor,
+    /// gate and up projections.
+    gate_up: Stacked,
     down: QTensor,
 }
 
@@ -125,7 +181,7 @@ fn stack_rows(name: &str, parts: &[QTensor]) -> Result<QTensor> {
     let cols = first.cols();
     if parts
         .iter()
-        .any(|p| p.cols() != cols || p.dtype != first.dtype || p.shape.len() != 2)
+        .any(|p| p.cols() != cols || p.dtype != first.dtype)
     {
         return Err(EngineError::Unsupported(format!(
             "{name}: projections differ in type or width: {parts:?}"
@@ -193,11 +249,11 @@ impl LlamaModel {
             expect(&o, h, q_rows)?;
             layers.push(Layer {
                 attn_norm: vector(source, &naming.layer(i, "input_layernorm.weight"))?,
-                qkv: stack_rows(&format!("layer {i} qkv"), &[q, k, v])?,
+                qkv: Stacked::new(&format!("layer {i} qkv"), vec![q, k, v])?,
                 qkv_bias,
                 o,
                 ffn_norm: vector(source, &naming.layer(i, "post_attention_layernorm.weight"))?,
-                gate_up: stack_rows(&format!("layer {i} gate_up"), &[gate, up])?,
+                gate_up: Stacked::new(&format!("layer {i} gate_up"), vec![gate, up])?,
                 down,
             });
         }
@@ -221,7 +277,7 @@ impl LlamaModel {
     pub fn weight_type(&self) -> GgmlType {
         self.layers
             .first()
-            .map(|l| l.qkv.dtype)
+            .map(|l| l.qkv.dtype())
             .unwrap_or(self.embed.dtype)
     }
 
@@ -304,7 +360,7 @@ impl LlamaModel {
 
         for (l, layer) in self.layers.iter().enumerate() {
             ops::rms_norm(&x, &layer.attn_norm, cfg.norm_eps, &mut normed);
-            matmul(&layer.qkv, &normed, n, &mut qkv);
+            layer.qkv.matmul(&normed, n, &mut qkv);
             if let Some(bias) = &layer.qkv_bias {
                 ops::add_bias(&mut qkv, bias);
             }
@@ -344,7 +400,7 @@ impl LlamaModel {
             ops::add_in_place(&mut x, &proj);
 
             ops::rms_norm(&x, &layer.ffn_norm, cfg.norm_eps, &mut normed);
-            matmul(&layer.gate_up, &normed, n, &mut gate_up);
+            layer.gate_up.matmul(&normed, n, &mut gate_up);
             for (gu, a) in gate_up.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
                 for ((g, u), out) in gu[..ffn].iter().zip(&gu[ffn..]).zip(a.iter_mut()) {
                     *out = ops::silu(*g) * u;
