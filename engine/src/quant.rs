@@ -853,6 +853,16 @@ mod avx2 {
         (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
     }
 
+    /// `d_w · d_x` in all lanes, `d_w` the f16 at `p`. Built with a broadcast rather than a
+    /// scalar convert: LLVM lowers the scalar form to an insert into a live register (often the
+    /// accumulator), which chains every block behind the previous block's FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scale(p: *const u8, dx: f32) -> __m256 {
+        let dw = _mm256_cvtph_ps(_mm_set1_epi16((p as *const i16).read_unaligned()));
+        _mm256_mul_ps(dw, _mm256_set1_ps(dx))
+    }
+
     /// 16 bytes of nibbles → 32 bytes: low nibbles in the low lane, high nibbles in the high lane
     /// (the value order of the 32-value blocks).
     #[inline]
@@ -879,10 +889,10 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         for i in 0..x.scales.len() {
             let b = w.as_ptr().add(18 * i);
-            let d = f16x2(b).0 * *x.scales.get_unchecked(i);
+            let d = scale(b, *x.scales.get_unchecked(i));
             let bx = _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8));
             let by = _mm256_loadu_si256(x.qs.as_ptr().add(QK * i) as *const __m256i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot_i8(bx, by)), acc);
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(bx, by)), acc);
         }
         hsum(acc)
     }
@@ -909,10 +919,10 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         for i in 0..x.scales.len() {
             let b = w.as_ptr().add(34 * i);
-            let d = f16x2(b).0 * *x.scales.get_unchecked(i);
+            let d = scale(b, *x.scales.get_unchecked(i));
             let bx = _mm256_loadu_si256(b.add(2) as *const __m256i);
             let by = _mm256_loadu_si256(x.qs.as_ptr().add(QK * i) as *const __m256i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot_i8(bx, by)), acc);
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(bx, by)), acc);
         }
         hsum(acc)
     }
@@ -972,7 +982,7 @@ mod avx2 {
         let m32 = _mm256_set1_epi8(32);
         for i in 0..x.scales.len() {
             let b = w.as_ptr().add(210 * i);
-            let d = f16x2(b.add(208)).0 * *x.scales.get_unchecked(i);
+            let d = scale(b.add(208), *x.scales.get_unchecked(i));
             let sc = b.add(192) as *const i8;
             let q8 = x.qs.as_ptr().add(QK_K * i);
             let mut sumi = _mm256_setzero_si256();
@@ -1009,7 +1019,7 @@ mod avx2 {
                     sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(s, p));
                 }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
         }
         hsum(acc)
     }
