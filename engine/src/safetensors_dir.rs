@@ -29,6 +29,8 @@ pub struct SafetensorsDir {
     pub config_json: serde_json::Value,
     files: Vec<(PathBuf, Arc<memmap2::Mmap>)>,
     entries: HashMap<String, Entry>,
+    /// Tensors of other element types (name → dtype).
+    unsupported: HashMap<String, String>,
 }
 
 impl SafetensorsDir {
@@ -61,6 +63,7 @@ impl SafetensorsDir {
         };
         let mut files = Vec::new();
         let mut entries = HashMap::new();
+        let mut unsupported = HashMap::new();
         for name in shard_names {
             let path = dir.join(&name);
             let file = File::open(&path).map_err(|e| EngineError::io(&path, e))?;
@@ -75,11 +78,11 @@ impl SafetensorsDir {
                     Dtype::F32 => GgmlType::F32,
                     Dtype::F16 => GgmlType::F16,
                     Dtype::BF16 => GgmlType::BF16,
+                    // Buffers such as BERT's `position_ids` (I64) are not weights; only an
+                    // attempt to use one is an error.
                     other => {
-                        return Err(EngineError::format(
-                            &path,
-                            format!("tensor `{tensor_name}`: dtype {other:?} is not supported"),
-                        ))
+                        unsupported.insert(tensor_name, format!("{other:?}"));
+                        continue;
                     }
                 };
                 let data = view.data();
@@ -103,6 +106,7 @@ impl SafetensorsDir {
             config_json,
             files,
             entries,
+            unsupported,
         })
     }
 
@@ -116,7 +120,13 @@ impl WeightSource for SafetensorsDir {
         let entry = self
             .entries
             .get(name)
-            .ok_or_else(|| EngineError::format(&self.dir, format!("tensor `{name}` is missing")))?;
+            .ok_or_else(|| match self.unsupported.get(name) {
+                Some(dtype) => EngineError::format(
+                    &self.dir,
+                    format!("tensor `{name}`: dtype {dtype} is not supported (F32, F16, BF16)"),
+                ),
+                None => EngineError::format(&self.dir, format!("tensor `{name}` is missing")),
+            })?;
         Ok(QTensor {
             name: name.to_string(),
             dtype: entry.dtype,
