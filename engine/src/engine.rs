@@ -450,6 +450,7 @@ impl EngineLoop {
                 }
                 self.finish_request(request, FinishReason::Abort);
             }
+            self.publish_scheduler_stats();
         }
     }
 
@@ -542,6 +543,11 @@ impl EngineLoop {
         for seq in finished {
             self.scheduler.finish(seq);
         }
+        self.publish_scheduler_stats();
+        self.metrics.observe_step(prompt_tokens, sampled.len());
+    }
+
+    fn publish_scheduler_stats(&self) {
         let stats = self.scheduler.stats();
         self.metrics
             .set_queue(stats.running, stats.waiting, stats.kv_usage);
@@ -550,7 +556,6 @@ impl EngineLoop {
             stats.prefix_queries_total,
             stats.prefix_hits_total,
         );
-        self.metrics.observe_step(prompt_tokens, sampled.len());
     }
 
     /// Sample the next token of `seq_id`, emit its events; returns the token and whether the

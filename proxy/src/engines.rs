@@ -101,12 +101,9 @@ fn spawn_engine(model: &LocalModel) -> std::io::Result<Child> {
             Ok(())
         });
     }
-    command.spawn().map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("starting {}: {e}", binary.display()),
-        )
-    })
+    command
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", binary.display())))
 }
 
 /// One `GET /health` over the unix socket; true on a 200.

@@ -83,14 +83,13 @@ fn load_config(
         ),
         Some(path) if local.is_empty() => sluice_config::load_file(path),
         Some(path) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| sluice_config::ConfigError {
-                    file: path.clone(),
-                    problems: vec![sluice_config::Problem {
-                        path: "(file)".into(),
-                        expected: format!("a readable file: {e}"),
-                    }],
-                })?;
+            let text = std::fs::read_to_string(path).map_err(|e| sluice_config::ConfigError {
+                file: path.clone(),
+                problems: vec![sluice_config::Problem {
+                    path: "(file)".into(),
+                    expected: format!("a readable file: {e}"),
+                }],
+            })?;
             sluice_config::parse_config_with_local_models(&text, path, local)
         }
     }
@@ -232,7 +231,9 @@ fn main() {
     };
     let local_models = config.local_models.clone();
     let engines = (!local_models.is_empty()).then(|| {
-        background.block_on(sluice_proxy::engines::EngineSupervisor::start(&local_models))
+        background.block_on(sluice_proxy::engines::EngineSupervisor::start(
+            &local_models,
+        ))
     });
     let app = match App::new(config, tenancy, metrics) {
         Ok(app) => Arc::new(app),

@@ -774,7 +774,10 @@ impl Drop for Engine {
     fn drop(&mut self) {
         kill_child(&mut self.child);
         if std::thread::panicking() {
-            eprintln!("----- engine log -----\n{}\n----- end of engine log -----", self.log());
+            eprintln!(
+                "----- engine log -----\n{}\n----- end of engine log -----",
+                self.log()
+            );
         }
     }
 }

@@ -90,7 +90,10 @@ async fn smollm2_greedy_chat_equals_the_independent_numpy_reference() {
         if body["choices"][0]["finish_reason"] == "stop" && got.last() == Some(&json!(2)) {
             got.pop();
         }
-        assert_eq!(body["choices"][0]["finish_reason"], reference["finish_reason"]);
+        assert_eq!(
+            body["choices"][0]["finish_reason"],
+            reference["finish_reason"]
+        );
         assert_eq!(
             Value::Array(got), reference["output_ids"],
             "greedy tokens differ from the reference for {}: engine text {:?}, reference text {:?}, \
@@ -132,7 +135,10 @@ async fn minilm_embeddings_rank_related_sentences_closer() {
     assert_eq!(vectors.len(), 3);
     assert_eq!(vectors[0].len(), 384);
     let norm: f64 = vectors[0].iter().map(|x| x * x).sum::<f64>().sqrt();
-    assert!((norm - 1.0).abs() < 1e-4, "embeddings are L2-normalised, got {norm}");
+    assert!(
+        (norm - 1.0).abs() < 1e-4,
+        "embeddings are L2-normalised, got {norm}"
+    );
     let related = cosine(&vectors[0], &vectors[1]);
     let unrelated = cosine(&vectors[0], &vectors[2]);
     assert!(
@@ -163,8 +169,22 @@ async fn sixteen_concurrent_greedy_requests_equal_the_same_requests_one_by_one()
     args.extend(["--served-model-name", "smollm2"]);
     let engine = Engine::start(&models.smollm2_gguf, &args).await;
     let topics = [
-        "the sea", "a cat", "rain", "Paris", "numbers", "the moon", "bread", "trains",
-        "music", "winter", "a robot", "coffee", "mountains", "the sun", "books", "a garden",
+        "the sea",
+        "a cat",
+        "rain",
+        "Paris",
+        "numbers",
+        "the moon",
+        "bread",
+        "trains",
+        "music",
+        "winter",
+        "a robot",
+        "coffee",
+        "mountains",
+        "the sun",
+        "books",
+        "a garden",
     ];
     let requests: Vec<Value> = topics
         .iter()
@@ -177,22 +197,30 @@ async fn sixteen_concurrent_greedy_requests_equal_the_same_requests_one_by_one()
         assert_eq!(status, 200, "{body}");
         one_by_one.push(body);
     }
-    let concurrent = futures_util::future::join_all(
-        requests.iter().map(|r| post(&url, r.clone())),
-    )
-    .await;
+    let concurrent =
+        futures_util::future::join_all(requests.iter().map(|r| post(&url, r.clone()))).await;
     for (i, ((status, body), alone)) in concurrent.iter().zip(&one_by_one).enumerate() {
         assert_eq!(*status, 200, "{body}");
         assert_eq!(
             body["choices"][0]["message"]["content"], alone["choices"][0]["message"]["content"],
             "request {i}: batched output differs from the request alone"
         );
-        assert_eq!(body["choices"][0]["token_ids"], alone["choices"][0]["token_ids"]);
+        assert_eq!(
+            body["choices"][0]["token_ids"],
+            alone["choices"][0]["token_ids"]
+        );
         assert_eq!(body["usage"], alone["usage"]);
     }
     // The batch really ran together: the engine's iteration histogram saw steps with more
     // than one token.
-    let metrics = client().get(engine.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = client()
+        .get(engine.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("vllm:num_requests_running"), "{metrics}");
 }
 
@@ -210,7 +238,10 @@ async fn gateway_starts_supervises_and_restarts_a_colocated_engine() {
     let url = gateway.url("/v1/chat/completions");
     let (status, body) = post(&url, greedy_chat("Say hello.", 8)).await;
     assert_eq!(status, 200, "{body}\n{}", gateway.log());
-    assert!(!body["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+    assert!(!body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
 
     // Kill the engine the gateway started (found by its unique socket path).
     let pids = std::process::Command::new("pgrep")
@@ -219,7 +250,11 @@ async fn gateway_starts_supervises_and_restarts_a_colocated_engine() {
         .unwrap();
     let pids = String::from_utf8_lossy(&pids.stdout).to_string();
     let pid = pids.split_whitespace().next().expect("engine process");
-    assert!(std::process::Command::new("kill").args(["-9", pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-9", pid])
+        .status()
+        .unwrap()
+        .success());
 
     // The supervisor restarts it; a later request succeeds.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -229,7 +264,218 @@ async fn gateway_starts_supervises_and_restarts_a_colocated_engine() {
             assert!(gateway.log().contains("engine exited"), "{}", gateway.log());
             break;
         }
-        assert!(Instant::now() < deadline, "no success after the restart: {status} {body}\n{}", gateway.log());
+        assert!(
+            Instant::now() < deadline,
+            "no success after the restart: {status} {body}\n{}",
+            gateway.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+async fn metric(engine: &Engine, name: &str) -> f64 {
+    let text = client()
+        .get(engine.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn preemption_and_prefix_caching_leave_outputs_unchanged() {
+    let models = real_models();
+    // 40 blocks of 16 tokens: 16 concurrent sequences of ~70 tokens cannot all fit, so the
+    // scheduler must preempt and recompute some of them.
+    let per_block = 2 * 30 * 3 * 64 * 4 * 16;
+    let kv_bytes = (40 * per_block).to_string();
+    let args = [
+        "--max-model-len",
+        "512",
+        "--max-num-seqs",
+        "16",
+        "--served-model-name",
+        "smollm2",
+        "--kv-cache-bytes",
+        &kv_bytes,
+    ];
+    let tight = Engine::start(&models.smollm2_gguf, &args).await;
+    let requests: Vec<Value> = (0..16)
+        .map(|i| {
+            greedy_chat(
+                &format!("List {} animals that live in the sea, one per line.", i + 2),
+                24,
+            )
+        })
+        .collect();
+    let url = tight.url("/v1/chat/completions");
+    let mut alone = Vec::new();
+    for r in &requests {
+        let (status, body) = post(&url, r.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        alone.push(body["choices"][0]["token_ids"].clone());
+    }
+    let batched =
+        futures_util::future::join_all(requests.iter().map(|r| post(&url, r.clone()))).await;
+    for (i, ((status, body), alone)) in batched.iter().zip(&alone).enumerate() {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(
+            &body["choices"][0]["token_ids"], alone,
+            "request {i} changed under preemption"
+        );
+    }
+    assert!(
+        metric(&tight, "vllm:num_preemptions_total").await > 0.0,
+        "the cache was meant to be too small for the batch"
+    );
+    // Every request was sent twice with the same prompt: the second time its full blocks came
+    // from the prefix cache.
+    let hits = metric(&tight, "vllm:prefix_cache_hits_total").await;
+    assert!(hits >= 16.0 * 16.0, "prefix cache hits {hits}");
+    assert_eq!(metric(&tight, "vllm:num_requests_running").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_surface_on_the_real_model() {
+    let models = real_models();
+    let mut args = SMOLLM_ARGS.to_vec();
+    args.extend(["--served-model-name", "smollm2"]);
+    let engine = Engine::start(&models.smollm2_gguf, &args).await;
+    let http = client();
+
+    let models_list: Value = http
+        .get(engine.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models_list["data"][0]["id"], "smollm2");
+    assert_eq!(models_list["data"][0]["max_model_len"], 2048);
+    for path in ["/health", "/ping", "/version", "/load"] {
+        let r = http.get(engine.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+
+    // tokenize / detokenize round trip; the chat template's special tokens are single ids.
+    let (status, tok) = post(
+        &engine.url("/tokenize"),
+        json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{tok}");
+    assert_eq!(tok["tokens"][0], 1, "<|im_start|> is token 1: {tok}");
+    let (_, text) = post(
+        &engine.url("/detokenize"),
+        json!({"model": "smollm2", "tokens": tok["tokens"]}),
+    )
+    .await;
+    assert!(
+        text["prompt"]
+            .as_str()
+            .unwrap()
+            .contains("<|im_start|>user\nHi<|im_end|>"),
+        "{text}"
+    );
+
+    // Stop strings end the text before them; n gives n choices; a seed reproduces samples.
+    let (status, body) = post(
+        &engine.url("/v1/completions"),
+        json!({"model": "smollm2", "prompt": "1, 2, 3, 4,", "max_tokens": 20, "temperature": 0,
+               "stop": [" 7"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop", "{body}");
+    assert_eq!(choice["stop_reason"], " 7");
+    assert_eq!(choice["text"], " 5, 6,", "{body}");
+    let sampled = json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 12,
+                         "temperature": 1.0, "seed": 42, "n": 3, "logprobs": 2});
+    let (_, first) = post(&engine.url("/v1/completions"), sampled.clone()).await;
+    let (_, again) = post(&engine.url("/v1/completions"), sampled).await;
+    assert_eq!(first["choices"].as_array().unwrap().len(), 3);
+    for i in 0..3 {
+        assert_eq!(
+            first["choices"][i]["text"], again["choices"][i]["text"],
+            "seeded choice {i}"
+        );
+        assert_eq!(
+            first["choices"][i]["logprobs"]["top_logprobs"][0]
+                .as_object()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    // A prompt past the context is a 400 in the OpenAI error shape.
+    let long = "word ".repeat(3000);
+    let (status, body) = post(
+        &engine.url("/v1/completions"),
+        json!({"model": "smollm2", "prompt": long, "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum context length is 2048"),
+        "{body}"
+    );
+    let (status, body) = post(
+        &engine.url("/v1/chat/completions"),
+        json!({"model": "other", "messages": []}),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_stream_aborts_its_request() {
+    let models = real_models();
+    let mut args = SMOLLM_ARGS.to_vec();
+    args.extend(["--served-model-name", "smollm2"]);
+    let engine = Engine::start(&models.smollm2_gguf, &args).await;
+    let mut resp = client()
+        .post(engine.url("/v1/completions"))
+        .json(
+            &json!({"model": "smollm2", "prompt": "Tell me a long story.", "max_tokens": 1500,
+                      "ignore_eos": true, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().expect("a first chunk");
+    assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+    drop(resp);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(
+        &engine,
+        "vllm:request_success_total{engine=\"0\",finished_reason=\"abort\"",
+    )
+    .await
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the engine kept generating for a gone client"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&engine, "vllm:num_requests_running").await, 0.0);
+    let generated = metric(&engine, "vllm:generation_tokens_total").await;
+    assert!(
+        generated < 1500.0,
+        "generated {generated} tokens for an aborted request"
+    );
 }
