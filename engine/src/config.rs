@@ -207,13 +207,13 @@ impl ModelConfig {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.hidden_size == 0 {
             return bad("head counts and hidden size must be positive".into());
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "attention heads ({}) must be a multiple of key/value heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.architecture != Architecture::Bert && self.head_dim % 2 != 0 {
+        if self.architecture != Architecture::Bert && !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim

@@ -108,7 +108,7 @@ pub struct EngineConfig {
 
 enum Command {
     Generate {
-        request: GenerateRequest,
+        request: Box<GenerateRequest>,
         events: mpsc::UnboundedSender<GenerateEvent>,
         arrival: Instant,
     },
@@ -258,7 +258,7 @@ impl EngineHandle {
         let (events, rx) = mpsc::unbounded_channel();
         self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
         let sent = self.send(Command::Generate {
-            request,
+            request: Box::new(request),
             events,
             arrival: Instant::now(),
         });
@@ -383,6 +383,7 @@ impl EngineLoop {
                 let id = self.next_request;
                 self.next_request += 1;
                 let n = request.params.n.max(1);
+                let request = *request;
                 let prompt = Arc::new(request.prompt_tokens);
                 let params = Arc::new(request.params);
                 let mut seqs = Vec::with_capacity(n);

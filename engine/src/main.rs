@@ -149,7 +149,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(
                 num_blocks,
                 block_size = args.block_size,
-                kv_cache_mib = num_blocks * per_block >> 20,
+                kv_cache_mib = (num_blocks * per_block) >> 20,
                 weights = ?decoder.weight_type(),
                 "KV cache"
             );
