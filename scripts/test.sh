@@ -29,6 +29,8 @@ export SLUICE_TEST_REDIS_URL=${SLUICE_TEST_REDIS_URL:-redis://127.0.0.1:6379}
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The engine's CUDA seam must keep building (and linting) without a CUDA toolkit or driver.
+cargo clippy -p sluice-engine --features cuda -- -D warnings
 # The black-box tests start the built `sluice` and `mock-provider` binaries.
 cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast

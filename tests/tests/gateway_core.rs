@@ -925,6 +925,8 @@ async fn deploy_examples_pass_check_config_with_secrets_redacted() {
         ),
         ("REDIS_HOST", "redis"),
     ];
+    // local-models.yaml names the real models by their place after scripts/fetch-models.sh.
+    sluice_tests::real_models();
     let mut seen = 0;
     for entry in std::fs::read_dir(root.join("deploy/examples")).unwrap() {
         let path = entry.unwrap().path();
