@@ -103,9 +103,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Encoders run on the global pool; decoders get their own (see CpuExecutor::with_threads).
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
-        .thread_name(|i| format!("compute-{i}"))
+        .thread_name(|i| format!("pool-{i}"))
         .build_global()
         .context("starting the compute threads")?;
     let device = device::resolve(args.device)?;
@@ -153,7 +154,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 weights = ?decoder.weight_type(),
                 "KV cache"
             );
-            let executor = CpuExecutor::new(decoder, args.block_size, num_blocks);
+            let executor =
+                CpuExecutor::with_threads(decoder, args.block_size, num_blocks, threads)?;
             (Box::new(executor), Task::Generate, num_blocks)
         }
         Weights::Encoder(encoder) => (Box::new(CpuEmbedder::new(encoder)), Task::Embed, 0),

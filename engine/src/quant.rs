@@ -533,6 +533,11 @@ impl QuantizedActs {
 
 /// A quantised weight row · quantised activation row.
 pub type QuantDot = fn(&[u8], &ActRow<'_>) -> f32;
+/// One quantised weight row · up to [`MULTI_ROWS`] activation rows (`out[r]` for `xs[r]`),
+/// bit-identical to [`QuantDot`] on each row.
+pub type QuantDotMulti = fn(&[u8], &[ActRow<'_>], &mut [f32]);
+/// Activation rows a [`QuantDotMulti`] kernel takes at once.
+pub const MULTI_ROWS: usize = 4;
 /// A float (F32/F16/BF16) weight row · f32 activation row.
 pub type FloatDot = fn(&[u8], &[f32]) -> f32;
 
@@ -541,6 +546,10 @@ enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 plus AVX-512 F/BW/VL/VNNI: Q4_1 (the bulk of Q4_1 GGUF models) gets 512-bit kernels
+    /// with `vpdpbusd`; other types keep their AVX2 kernels.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 fn detected_isa() -> Isa {
@@ -551,6 +560,13 @@ fn detected_isa() -> Isa {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                return Isa::Avx512;
+            }
             return Isa::Avx2;
         }
         Isa::Scalar
@@ -563,6 +579,8 @@ pub fn simd_name() -> &'static str {
         Isa::Scalar => "scalar",
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => "avx2+fma+f16c",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => "avx512-vnni (Q4_1) + avx2",
     }
 }
 
@@ -574,7 +592,11 @@ pub fn quant_dot(ty: GgmlType) -> Option<QuantDot> {
 
 fn quant_dot_for(ty: GgmlType, isa: Isa) -> Option<QuantDot> {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa == Isa::Avx512 && ty == GgmlType::Q4_1 {
+        return Some(avx512::q4_1);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 || isa == Isa::Avx512 {
         return Some(match ty {
             GgmlType::Q4_0 => avx2::q4_0,
             GgmlType::Q4_1 => avx2::q4_1,
@@ -595,6 +617,26 @@ fn quant_dot_for(ty: GgmlType, isa: Isa) -> Option<QuantDot> {
     })
 }
 
+/// A kernel that multiplies one weight row of type `ty` with several activation rows at once
+/// (unpacking each block once and interleaving the rows' accumulator chains), when there is one
+/// for this type and machine.
+pub fn quant_dot_multi(ty: GgmlType) -> Option<QuantDotMulti> {
+    #[cfg(target_arch = "x86_64")]
+    if detected_isa() == Isa::Avx512 && ty == GgmlType::Q4_1 {
+        return Some(avx512::q4_1_multi);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(detected_isa(), Isa::Avx2 | Isa::Avx512) {
+        return match ty {
+            GgmlType::Q4_1 => Some(avx2::q4_1_multi),
+            GgmlType::Q8_0 => Some(avx2::q8_0_multi),
+            _ => None,
+        };
+    }
+    let _ = ty;
+    None
+}
+
 /// The dot product for float weights of type `ty` with f32 activations (None for quantised
 /// types).
 pub fn float_dot(ty: GgmlType) -> Option<FloatDot> {
@@ -603,7 +645,7 @@ pub fn float_dot(ty: GgmlType) -> Option<FloatDot> {
 
 fn float_dot_for(ty: GgmlType, isa: Isa) -> Option<FloatDot> {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa == Isa::Avx2 || isa == Isa::Avx512 {
         return Some(match ty {
             GgmlType::F32 => avx2::f32_row,
             GgmlType::F16 => avx2::f16_row,
@@ -798,13 +840,50 @@ mod avx2 {
     pub(super) fn q4_1(w: &[u8], x: &ActRow<'_>) -> f32 {
         check_lens(w, x, 20, QK);
         assert_eq!(x.sums.len(), x.scales.len(), "Q4_1 needs Q8_1 activations");
+        let mut out = [0.0f32];
         // SAFETY: as for q4_0.
-        unsafe { q4_1_impl(w, x) }
+        unsafe { q4_1_rows::<1>(w, std::slice::from_ref(x), &mut out) };
+        out[0]
     }
     pub(super) fn q8_0(w: &[u8], x: &ActRow<'_>) -> f32 {
         check_lens(w, x, 34, QK);
+        let mut out = [0.0f32];
         // SAFETY: as for q4_0.
-        unsafe { q8_0_impl(w, x) }
+        unsafe { q8_0_rows::<1>(w, std::slice::from_ref(x), &mut out) };
+        out[0]
+    }
+    pub(super) fn q4_1_multi(w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
+        for x in xs {
+            check_lens(w, x, 20, QK);
+            assert_eq!(x.sums.len(), x.scales.len(), "Q4_1 needs Q8_1 activations");
+        }
+        assert_eq!(out.len(), xs.len(), "one output per activation row");
+        // SAFETY: as for q4_0 (every row's lengths checked).
+        unsafe {
+            match xs.len() {
+                1 => q4_1_rows::<1>(w, xs, out),
+                2 => q4_1_rows::<2>(w, xs, out),
+                3 => q4_1_rows::<3>(w, xs, out),
+                4 => q4_1_rows::<4>(w, xs, out),
+                n => panic!("q4_1_multi takes 1..={MULTI_ROWS} rows, got {n}"),
+            }
+        }
+    }
+    pub(super) fn q8_0_multi(w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
+        for x in xs {
+            check_lens(w, x, 34, QK);
+        }
+        assert_eq!(out.len(), xs.len(), "one output per activation row");
+        // SAFETY: as for q4_0 (every row's lengths checked).
+        unsafe {
+            match xs.len() {
+                1 => q8_0_rows::<1>(w, xs, out),
+                2 => q8_0_rows::<2>(w, xs, out),
+                3 => q8_0_rows::<3>(w, xs, out),
+                4 => q8_0_rows::<4>(w, xs, out),
+                n => panic!("q8_0_multi takes 1..={MULTI_ROWS} rows, got {n}"),
+            }
+        }
     }
     pub(super) fn q4_k(w: &[u8], x: &ActRow<'_>) -> f32 {
         check_lens(w, x, 144, QK_K);
@@ -848,7 +927,7 @@ mod avx2 {
     /// Two consecutive f16 values at `p` as f32 (lanes 0 and 1).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16x2(p: *const u8) -> (f32, f32) {
+    pub(super) unsafe fn f16x2(p: *const u8) -> (f32, f32) {
         let v = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
         (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
     }
@@ -897,34 +976,96 @@ mod avx2 {
         hsum(acc)
     }
 
+    /// Q4_1 row · R activation rows. Each block's nibbles and scales are unpacked once for all
+    /// rows. Every row sums even blocks into one accumulator and odd blocks into another (two
+    /// independent FMA chains instead of one latency-bound chain) and adds them at the end; the
+    /// single-row entry point is R = 1, so a row's bits never depend on its batch neighbours.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_impl(w: &[u8], x: &ActRow<'_>) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut offsets = 0.0f32;
-        let ones = _mm256_set1_epi16(1);
-        for i in 0..x.scales.len() {
-            let b = w.as_ptr().add(20 * i);
-            let (d, m) = f16x2(b);
-            offsets += m * *x.sums.get_unchecked(i);
-            let d = d * *x.scales.get_unchecked(i);
-            let by = _mm256_loadu_si256(x.qs.as_ptr().add(QK * i) as *const __m256i);
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(b.add(4)), by), ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+    unsafe fn q4_1_rows<const R: usize>(w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
+        let mut even = [_mm256_setzero_ps(); R];
+        let mut odd = [_mm256_setzero_ps(); R];
+        let mut even_offsets = [0.0f32; R];
+        let mut odd_offsets = [0.0f32; R];
+        let nb = xs[0].scales.len();
+        let mut i = 0;
+        while i + 1 < nb {
+            q4_1_block::<R>(w, xs, i, &mut even, &mut even_offsets);
+            q4_1_block::<R>(w, xs, i + 1, &mut odd, &mut odd_offsets);
+            i += 2;
         }
-        hsum(acc) + offsets
+        if i < nb {
+            q4_1_block::<R>(w, xs, i, &mut even, &mut even_offsets);
+        }
+        for r in 0..R {
+            *out.get_unchecked_mut(r) =
+                hsum(_mm256_add_ps(even[r], odd[r])) + (even_offsets[r] + odd_offsets[r]);
+        }
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_impl(w: &[u8], x: &ActRow<'_>) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..x.scales.len() {
-            let b = w.as_ptr().add(34 * i);
-            let d = scale(b, *x.scales.get_unchecked(i));
-            let bx = _mm256_loadu_si256(b.add(2) as *const __m256i);
+    unsafe fn q4_1_block<const R: usize>(
+        w: &[u8],
+        xs: &[ActRow<'_>],
+        i: usize,
+        acc: &mut [__m256; R],
+        offsets: &mut [f32; R],
+    ) {
+        let b = w.as_ptr().add(20 * i);
+        let (dw, mw) = f16x2(b);
+        let codes = nibbles(b.add(4));
+        for r in 0..R {
+            let x = xs.get_unchecked(r);
+            offsets[r] += mw * *x.sums.get_unchecked(i);
+            let d = dw * *x.scales.get_unchecked(i);
             let by = _mm256_loadu_si256(x.qs.as_ptr().add(QK * i) as *const __m256i);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(bx, by)), acc);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, by), _mm256_set1_epi16(1));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc[r]);
         }
-        hsum(acc)
+    }
+
+    /// Q8_0 row · R activation rows, arranged as [`q4_1_rows`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_rows<const R: usize>(w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
+        let mut even = [_mm256_setzero_ps(); R];
+        let mut odd = [_mm256_setzero_ps(); R];
+        let nb = xs[0].scales.len();
+        let mut i = 0;
+        while i + 1 < nb {
+            q8_0_block::<R>(w, xs, i, &mut even);
+            q8_0_block::<R>(w, xs, i + 1, &mut odd);
+            i += 2;
+        }
+        if i < nb {
+            q8_0_block::<R>(w, xs, i, &mut even);
+        }
+        for r in 0..R {
+            *out.get_unchecked_mut(r) = hsum(_mm256_add_ps(even[r], odd[r]));
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_block<const R: usize>(
+        w: &[u8],
+        xs: &[ActRow<'_>],
+        i: usize,
+        acc: &mut [__m256; R],
+    ) {
+        let b = w.as_ptr().add(34 * i);
+        let dw = _mm256_cvtph_ps(_mm_set1_epi16((b as *const i16).read_unaligned()));
+        let bx = _mm256_loadu_si256(b.add(2) as *const __m256i);
+        let abs_x = _mm256_sign_epi8(bx, bx);
+        for r in 0..R {
+            let x = xs.get_unchecked(r);
+            let d = _mm256_mul_ps(dw, _mm256_set1_ps(*x.scales.get_unchecked(i)));
+            let by = _mm256_loadu_si256(x.qs.as_ptr().add(QK * i) as *const __m256i);
+            let p = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(abs_x, _mm256_sign_epi8(by, bx)),
+                _mm256_set1_epi16(1),
+            );
+            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r]);
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1071,6 +1212,102 @@ mod avx2 {
             sum += tail(&w[width * k..], &x[k..]);
         }
         sum
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use avx2::f16x2 as avx2_f16x2;
+
+/// AVX-512 kernels for Q4_1: two 32-value blocks per 512-bit vector, `vpdpbusd` multiplying
+/// the unsigned nibbles by the signed activation codes straight into i32 lanes (the same integers
+/// `maddubs` + `madd` give: 15·127·4 cannot overflow). Lanes 0–7 collect even blocks and lanes
+/// 8–15 odd ones. As with the AVX2 kernels, the one-row entry point is the R = 1 case of the
+/// multi-row kernel, so a row's bits never depend on its batch neighbours.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    pub(super) fn q4_1(w: &[u8], x: &ActRow<'_>) -> f32 {
+        let mut out = [0.0f32];
+        q4_1_multi(w, std::slice::from_ref(x), &mut out);
+        out[0]
+    }
+
+    pub(super) fn q4_1_multi(w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
+        for x in xs {
+            check_lens(w, x, 20, QK);
+            assert_eq!(x.sums.len(), x.scales.len(), "Q4_1 needs Q8_1 activations");
+        }
+        assert_eq!(out.len(), xs.len(), "one output per activation row");
+        // SAFETY: handed out only after runtime detection of AVX-512 F/BW/VL/VNNI (and AVX2,
+        // FMA, F16C); every row's lengths checked above.
+        unsafe {
+            match xs.len() {
+                1 => q4_1_rows::<1>(w, xs, out),
+                2 => q4_1_rows::<2>(w, xs, out),
+                3 => q4_1_rows::<3>(w, xs, out),
+                4 => q4_1_rows::<4>(w, xs, out),
+                n => panic!("q4_1_multi takes 1..={MULTI_ROWS} rows, got {n}"),
+            }
+        }
+    }
+
+    /// The 32 nibbles of the block at `p` as 32 bytes (low nibbles, then high nibbles).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn codes(p: *const u8) -> __m256i {
+        let t = _mm_loadu_si128(p as *const __m128i);
+        _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16::<4>(t), t),
+            _mm256_set1_epi8(0x0F),
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q4_1_rows<const R: usize>(w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut even_offsets = [0.0f32; R];
+        let mut odd_offsets = [0.0f32; R];
+        let nb = xs[0].scales.len();
+        let mut i = 0;
+        while i < nb {
+            let pair = i + 1 < nb;
+            let b0 = w.as_ptr().add(20 * i);
+            let (d0, m0) = super::avx2_f16x2(b0);
+            let lo = codes(b0.add(4));
+            // A lone last block pairs with zero codes, zero activations and a zero scale: its
+            // lanes add exactly nothing.
+            let (d1, m1, hi) = if pair {
+                let b1 = b0.add(20);
+                let (d1, m1) = super::avx2_f16x2(b1);
+                (d1, m1, codes(b1.add(4)))
+            } else {
+                (0.0, 0.0, _mm256_setzero_si256())
+            };
+            let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let mask: __mmask64 = if pair { !0 } else { 0xFFFF_FFFF };
+            for r in 0..R {
+                let x = xs.get_unchecked(r);
+                even_offsets[r] += m0 * *x.sums.get_unchecked(i);
+                let s0 = d0 * *x.scales.get_unchecked(i);
+                let s1 = if pair {
+                    odd_offsets[r] += m1 * *x.sums.get_unchecked(i + 1);
+                    d1 * *x.scales.get_unchecked(i + 1)
+                } else {
+                    0.0
+                };
+                let by = _mm512_maskz_loadu_epi8(mask, x.qs.as_ptr().add(QK * i) as *const i8);
+                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), both, by);
+                let scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
+                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc[r]);
+            }
+            i += 2;
+        }
+        for r in 0..R {
+            *out.get_unchecked_mut(r) =
+                _mm512_reduce_add_ps(acc[r]) + (even_offsets[r] + odd_offsets[r]);
+        }
     }
 }
 
@@ -1297,11 +1534,15 @@ mod tests {
     fn scalar_and_simd_dots_match_the_exact_sum() {
         let mut rng = StdRng::seed_from_u64(11);
         let cols = 1024;
-        let isas: Vec<Isa> = if detected_isa() == Isa::Scalar {
-            eprintln!("note: no AVX2 here, only the scalar kernels are tested");
-            vec![Isa::Scalar]
-        } else {
-            vec![Isa::Scalar, detected_isa()]
+        let isas: Vec<Isa> = match detected_isa() {
+            Isa::Scalar => {
+                eprintln!("note: no AVX2 here, only the scalar kernels are tested");
+                vec![Isa::Scalar]
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => vec![Isa::Scalar, Isa::Avx2, Isa::Avx512],
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => vec![Isa::Scalar, Isa::Avx2],
         };
         for ty in QUANTISED {
             for trial in 0..4 {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::quant::{float_dot, quant_dot, ActRow, GgmlType, QuantizedActs};
+use crate::quant::{
+    float_dot, quant_dot, quant_dot_multi, ActRow, GgmlType, QuantizedActs, MULTI_ROWS,
+};
 
 /// Where a tensor's bytes live: a read-only file mapping (GGUF, safetensors) or owned memory.
 #[derive(Clone)]
@@ -132,10 +134,20 @@ pub fn matmul_quantized(w: &QTensor, acts: &QuantizedActs, out: &mut [f32]) {
     );
     assert_eq!(acts.cols, cols, "{}: activation width", w.name);
     assert_eq!(out.len(), n * rows, "{}: out is not n × {rows}", w.name);
-    let dot = quant_dot(w.dtype).expect("quantised weight type");
     let (bytes, rb) = (w.bytes(), w.row_bytes());
     assert!(bytes.len() >= rows * rb, "{}: storage too short", w.name);
     let act_rows: Vec<ActRow<'_>> = (0..n).map(|i| acts.row(i)).collect();
+    if let Some(multi) = quant_dot_multi(w.dtype) {
+        for_each_tile(rows, n, cols, MULTI_ROWS, out, |j, i0, vals| {
+            multi(
+                &bytes[j * rb..(j + 1) * rb],
+                &act_rows[i0..i0 + vals.len()],
+                vals,
+            )
+        });
+        return;
+    }
+    let dot = quant_dot(w.dtype).expect("quantised weight type");
     for_each_cell(rows, n, cols, out, |j, i| {
         dot(&bytes[j * rb..(j + 1) * rb], &act_rows[i])
     });
@@ -147,6 +159,8 @@ const PARALLEL_MIN_MACS: usize = 64 * 1024;
 /// x rows multiplied per pass over a weight chunk: their quantised rows stay in L1 while each
 /// weight row is read once per pass.
 const X_TILE: usize = 8;
+/// Largest row group a tile kernel takes.
+const MAX_TILE: usize = 8;
 
 /// `out[i * rows + j] = cell(j, i)` for every weight row `j` and x row `i`, weight rows split
 /// into chunks over the rayon pool. Each element is written by exactly one call, so how the work
@@ -158,14 +172,35 @@ fn for_each_cell(
     out: &mut [f32],
     cell: impl Fn(usize, usize) -> f32 + Sync,
 ) {
+    for_each_tile(rows, n, cols, 1, out, |j, i, vals| vals[0] = cell(j, i));
+}
+
+/// As [`for_each_cell`], handing `tile(j, i0, vals)` up to `tile_rows` consecutive x rows at
+/// once (`vals[k]` is the element for x row `i0 + k`); how rows are grouped never changes a
+/// value, since each is computed by a kernel that treats rows independently.
+fn for_each_tile(
+    rows: usize,
+    n: usize,
+    cols: usize,
+    tile_rows: usize,
+    out: &mut [f32],
+    tile: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     assert_eq!(out.len(), rows * n);
+    assert!((1..=MAX_TILE).contains(&tile_rows));
     let run_chunk = |start: usize, end: usize, out: OutPtr| {
-        for i0 in (0..n).step_by(X_TILE) {
+        let mut vals = [0.0f32; MAX_TILE];
+        for x0 in (0..n).step_by(X_TILE) {
+            let x_end = (x0 + X_TILE).min(n);
             for j in start..end {
-                for i in i0..(i0 + X_TILE).min(n) {
-                    // SAFETY: i < n and j < rows, so the index is in bounds; chunks cover
-                    // disjoint row ranges, so no two threads write the same element.
-                    unsafe { *out.at(i * rows + j) = cell(j, i) };
+                for i0 in (x0..x_end).step_by(tile_rows) {
+                    let len = tile_rows.min(x_end - i0);
+                    tile(j, i0, &mut vals[..len]);
+                    for (k, v) in vals[..len].iter().enumerate() {
+                        // SAFETY: i0 + k < n and j < rows, so the index is in bounds; chunks
+                        // cover disjoint row ranges, so no two threads write the same element.
+                        unsafe { *out.at((i0 + k) * rows + j) = *v };
+                    }
                 }
             }
         }
