@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, parse_field, text, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage,
-    InPart, InTool, Text,
+    bad, now, parse_field, read_messages, text, CachedUsage, ChunkWriter, InContent, InImageUrl,
+    InMessage, InPart, InTool, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -540,9 +540,7 @@ fn build_chat(
         .raw("messages")
         .filter(|r| *r != "null")
         .unwrap_or("[]");
-    let messages: Vec<InMessage> = serde_json::from_str(raw_messages).map_err(|e| {
-        bad(format!("Invalid request body: `messages`: {e}")).with_param("messages")
-    })?;
+    let messages = read_messages(raw_messages)?;
     let (system, messages) = convert_messages(raw_messages, &messages)?;
 
     let max_tokens: Option<u64> = parse_field(body, "max_completion_tokens")?;

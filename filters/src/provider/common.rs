@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::body::RequestBody;
+use crate::body::{RequestBody, Scanner};
 use crate::error::ApiError;
 use crate::usage::Usage;
 
@@ -177,6 +177,142 @@ impl<'de: 'a, 'a, P: Deserialize<'de>> Deserialize<'de> for InContent<'a, P> {
         }
         d.deserialize_any(V(std::marker::PhantomData))
     }
+}
+
+/// The client's `messages` (`src`, the field's JSON text) as [`InMessage`]s: read with the
+/// body's scanner where it can ([`scan_messages`]), else by serde, which gives any error.
+pub(super) fn read_messages(src: &str) -> Result<Vec<InMessage<'_>>, ApiError> {
+    if let Some(messages) = scan_messages(src) {
+        return Ok(messages);
+    }
+    serde_json::from_str(src)
+        .map_err(|e| bad(format!("Invalid request body: `messages`: {e}")).with_param("messages"))
+}
+
+/// The messages read directly, without serde's visitors, for the common shapes: the same
+/// values serde would give (strings borrowed unless they have escapes). `None` (serde decides)
+/// for anything else: malformed JSON, keys with escapes, repeated fields, wrong types, a
+/// missing role.
+fn scan_messages(src: &str) -> Option<Vec<InMessage<'_>>> {
+    let mut s = Scanner::new(src.as_bytes());
+    s.ws();
+    s.eat(b'[').then_some(())?;
+    s.ws();
+    let mut out = Vec::with_capacity(8);
+    if !s.eat(b']') {
+        loop {
+            out.push(scan_message(&mut s, src)?);
+            s.ws();
+            if s.eat(b']') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    s.ws();
+    (s.pos() == src.len()).then_some(out)
+}
+
+/// One value at the scanner: its JSON text and whether it is a string with escapes.
+fn scan_value<'a>(s: &mut Scanner, src: &'a str) -> Option<(&'a str, bool)> {
+    let start = s.pos();
+    let escaped = if s.eat(b'"') {
+        s.string()?
+    } else {
+        s.value()?;
+        false
+    };
+    Some((&src[start..s.pos()], escaped))
+}
+
+/// A string token's string, as serde gives it: borrowed without escapes, else unescaped.
+fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
+    if !token.starts_with('"') {
+        return None;
+    }
+    if escaped {
+        serde_json::from_str::<String>(token).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(&token[1..token.len() - 1]))
+    }
+}
+
+/// A string or `null` (`Option<Cow<str>>`).
+fn opt_str(token: &str, escaped: bool) -> Option<Option<Cow<'_, str>>> {
+    match token {
+        "null" => Some(None),
+        _ => token_str(token, escaped).map(Some),
+    }
+}
+
+fn scan_message<'a>(s: &mut Scanner, src: &'a str) -> Option<InMessage<'a>> {
+    s.eat(b'{').then_some(())?;
+    s.ws();
+    let mut m = InMessage {
+        role: Cow::Borrowed(""),
+        content: None,
+        tool_calls: None,
+        tool_call_id: None,
+        reasoning_content: None,
+    };
+    // Fields seen (a repeated one is serde's error).
+    let mut seen = 0u8;
+    if !s.eat(b'}') {
+        loop {
+            let (key, escaped) = scan_value(s, src)?;
+            if escaped || !key.starts_with('"') {
+                return None;
+            }
+            s.ws();
+            s.eat(b':').then_some(())?;
+            s.ws();
+            let (value, escaped) = scan_value(s, src)?;
+            let bit = match &key[1..key.len() - 1] {
+                "role" => {
+                    m.role = token_str(value, escaped)?;
+                    1
+                }
+                "content" => {
+                    m.content = match value.as_bytes()[0] {
+                        b'n' => None,
+                        b'"' => Some(InContent::Text(token_str(value, escaped)?)),
+                        b'[' => Some(InContent::Parts(serde_json::from_str(value).ok()?)),
+                        _ => return None,
+                    };
+                    2
+                }
+                "tool_calls" => {
+                    m.tool_calls = match value.as_bytes()[0] {
+                        b'n' => None,
+                        b'[' => Some(serde_json::from_str(value).ok()?),
+                        _ => return None,
+                    };
+                    4
+                }
+                "tool_call_id" => {
+                    m.tool_call_id = opt_str(value, escaped)?;
+                    8
+                }
+                "reasoning_content" => {
+                    m.reasoning_content = opt_str(value, escaped)?;
+                    16
+                }
+                _ => 0,
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            s.ws();
+            if s.eat(b'}') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    (seen & 1 != 0).then_some(m)
 }
 
 #[derive(Deserialize)]

@@ -10,7 +10,8 @@ use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, bearer_request, now, raw_value, usage_json, ChunkWriter, InContent, InImageUrl, InMessage,
+    bearer_request, now, raw_value, read_messages, text, usage_json, ChunkWriter, InContent,
+    InImageUrl, InMessage, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -117,12 +118,10 @@ pub(super) fn build_request(
         "/api/generate"
     } else {
         let raw_messages = body.raw("messages").unwrap_or("[]");
-        let messages: Vec<InMessage> = serde_json::from_str(raw_messages).map_err(|e| {
-            bad(format!("Invalid request body: `messages`: {e}")).with_param("messages")
-        })?;
+        let messages = read_messages(raw_messages)?;
         let mut converted = Vec::with_capacity(messages.len());
         for m in &messages {
-            converted.push(ollama_message(m)?);
+            converted.push(ollama_message(raw_messages, m)?);
         }
         let mut messages_json = Vec::with_capacity(raw_messages.len() + 64);
         serde_json::to_writer(&mut messages_json, &converted).expect("json serializes");
@@ -145,7 +144,7 @@ pub(super) fn build_request(
 #[derive(Serialize)]
 struct OllamaMessage<'a> {
     role: &'a str,
-    content: Cow<'a, str>,
+    content: Text<'a>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     images: Vec<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -163,10 +162,12 @@ struct OllamaFunction<'a> {
     arguments: Box<RawValue>,
 }
 
-fn ollama_message<'a>(m: &'a InMessage<'a>) -> Result<OllamaMessage<'a>, ApiError> {
+/// `m` was read from `src`, the client's `messages` JSON (whose string tokens are copied through
+/// where serde_json would write them the same, see [`text`]).
+fn ollama_message<'a>(src: &'a str, m: &'a InMessage<'a>) -> Result<OllamaMessage<'a>, ApiError> {
     let (content, images) = match &m.content {
-        None => (Cow::Borrowed(""), vec![]),
-        Some(InContent::Text(t)) => (Cow::Borrowed(t.as_ref()), vec![]),
+        None => (Text::Str(Cow::Borrowed("")), vec![]),
+        Some(InContent::Text(t)) => (text(src, t), vec![]),
         Some(InContent::Parts(parts)) => {
             let mut text = String::new();
             let mut images = vec![];
@@ -185,7 +186,7 @@ fn ollama_message<'a>(m: &'a InMessage<'a>) -> Result<OllamaMessage<'a>, ApiErro
                     _ => {}
                 }
             }
-            (Cow::Owned(text), images)
+            (Text::Str(Cow::Owned(text)), images)
         }
     };
     let mut tool_calls = vec![];
