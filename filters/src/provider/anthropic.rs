@@ -83,6 +83,75 @@ struct Turn<'a> {
     content: Vec<Block<'a>>,
 }
 
+/// Appends `value` as JSON.
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(out, value).expect("json serializes");
+}
+
+impl Turn<'_> {
+    /// Appends the turn as serde_json writes it (field names as literals, text tokens copied).
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"role\":");
+        write_json(out, self.role);
+        out.extend_from_slice(b",\"content\":");
+        write_blocks(out, &self.content);
+        out.push(b'}');
+    }
+}
+
+fn write_blocks(out: &mut Vec<u8>, blocks: &[Block]) {
+    out.push(b'[');
+    for (i, b) in blocks.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        b.write(out);
+    }
+    out.push(b']');
+}
+
+impl Block<'_> {
+    /// Appends the block as serde_json writes it.
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Block::Text {
+                text,
+                cache_control,
+            } => {
+                out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
+                text.write(out);
+                if let Some(c) = cache_control {
+                    out.extend_from_slice(b",\"cache_control\":");
+                    out.extend_from_slice(c.get().as_bytes());
+                }
+            }
+            Block::ToolUse { id, name, input } => {
+                out.extend_from_slice(b"{\"type\":\"tool_use\",\"id\":");
+                write_json(out, id.as_ref());
+                out.extend_from_slice(b",\"name\":");
+                write_json(out, name.as_ref());
+                out.extend_from_slice(b",\"input\":");
+                out.extend_from_slice(input.get().as_bytes());
+            }
+            Block::ToolResult {
+                tool_use_id,
+                content,
+            } => {
+                out.extend_from_slice(b"{\"type\":\"tool_result\",\"tool_use_id\":");
+                write_json(out, tool_use_id.as_ref());
+                out.extend_from_slice(b",\"content\":");
+                match content {
+                    ToolResultContent::Text(text) => text.write(out),
+                    ToolResultContent::Blocks(blocks) => write_blocks(out, blocks),
+                }
+            }
+            // Rare: serde's own writing.
+            Block::Image { .. } => return write_json(out, self),
+        }
+        out.push(b'}');
+    }
+}
+
 /// OpenAI message content (a string or a list of parts) as Anthropic content blocks. `src` is
 /// the client's `messages` JSON the content was read from (its string tokens are copied through
 /// where serde_json would write them the same, see [`text`]).
@@ -435,7 +504,12 @@ pub(super) fn build_request(
         body: {
             // Sized once: the output is about as long as the client's messages and tools.
             let mut bytes = Vec::with_capacity(raw_messages.len() + tools_len + 256);
-            serde_json::to_writer(&mut bytes, &out).expect("json serializes");
+            out.write(&mut bytes);
+            debug_assert_eq!(
+                String::from_utf8_lossy(&bytes),
+                serde_json::to_string(&out).expect("json serializes"),
+                "the hand-written body is serde_json's"
+            );
             bytes
         },
         injected_stream_usage: false,
@@ -475,6 +549,61 @@ struct MessagesRequest<'a> {
     tools: Vec<OutTool<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_choice: Option<Value>,
+}
+
+impl MessagesRequest<'_> {
+    /// Appends the body exactly as serde_json serializes it (checked in debug builds), with
+    /// the messages, most of the bytes, written directly.
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"model\":");
+        write_json(out, self.model);
+        out.extend_from_slice(b",\"messages\":[");
+        for (i, t) in self.messages.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            t.write(out);
+        }
+        out.push(b']');
+        if let Some(system) = &self.system {
+            out.extend_from_slice(b",\"system\":");
+            system.write(out);
+        }
+        out.extend_from_slice(b",\"max_tokens\":");
+        write_json(out, &self.max_tokens);
+        for (key, value) in [
+            (&b",\"temperature\":"[..], self.temperature),
+            (b",\"top_p\":", self.top_p),
+            (b",\"top_k\":", self.top_k),
+            (b",\"thinking\":", self.thinking),
+        ] {
+            if let Some(v) = value {
+                out.extend_from_slice(key);
+                out.extend_from_slice(v.get().as_bytes());
+            }
+        }
+        if let Some(stop) = &self.stop_sequences {
+            out.extend_from_slice(b",\"stop_sequences\":");
+            write_json(out, stop);
+        }
+        if let Some(stream) = self.stream {
+            out.extend_from_slice(b",\"stream\":");
+            write_json(out, &stream);
+        }
+        if let Some(metadata) = &self.metadata {
+            out.extend_from_slice(b",\"metadata\":");
+            write_json(out, metadata);
+        }
+        if !self.tools.is_empty() {
+            out.extend_from_slice(b",\"tools\":");
+            write_json(out, &self.tools);
+        }
+        if let Some(choice) = &self.tool_choice {
+            out.extend_from_slice(b",\"tool_choice\":");
+            write_json(out, choice);
+        }
+        out.push(b'}');
+    }
 }
 
 #[derive(Serialize)]

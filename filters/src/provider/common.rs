@@ -232,10 +232,37 @@ fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
         return None;
     }
     if escaped {
-        serde_json::from_str::<String>(token).ok().map(Cow::Owned)
+        unescape(token).map(Cow::Owned)
     } else {
         Some(Cow::Borrowed(&token[1..token.len() - 1]))
     }
+}
+
+/// The string of a string token (quotes included; checked by the scanner), as serde_json
+/// unescapes it. `\u` escapes (rarer; surrogate pairs) are left to serde_json.
+fn unescape(token: &str) -> Option<String> {
+    let bytes = &token.as_bytes()[1..token.len() - 1];
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(at) = memchr::memchr(b'\\', &bytes[i..]) {
+        out.extend_from_slice(&bytes[i..i + at]);
+        let c = match bytes.get(i + at + 1)? {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            _ => return serde_json::from_str(token).ok(),
+        };
+        out.push(c);
+        i += at + 2;
+    }
+    out.extend_from_slice(&bytes[i..]);
+    // Valid UTF-8: escapes were replaced by ASCII between whole characters.
+    String::from_utf8(out).ok()
 }
 
 /// A string or `null` (`Option<Cow<str>>`).
@@ -503,6 +530,22 @@ impl ChunkWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unescapes_as_serde_json_does() {
+        for token in [
+            r#""plain""#,
+            r#""a\"b\\c\/d\be\ff\ng\rh\ti""#,
+            r#""\\""#,
+            r#""h\u00e9 \ud83d\ude00 \n""#,
+            r#""x\u0041""#,
+            r#""\ud800""#,
+        ] {
+            let serde = serde_json::from_str::<String>(token).ok();
+            assert_eq!(unescape(token), serde, "{token}");
+        }
+        assert_eq!(token_str(r#""a\nb""#, true).unwrap(), "a\nb");
+    }
 
     #[test]
     fn chunk_writer_emits_valid_chunks() {
