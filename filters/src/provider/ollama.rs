@@ -123,19 +123,38 @@ pub(super) fn build_request(
         for m in &messages {
             converted.push(ollama_message(raw_messages, m)?);
         }
-        let mut messages_json = Vec::with_capacity(raw_messages.len() + 64);
-        serde_json::to_writer(&mut messages_json, &converted).expect("json serializes");
-        let messages_json = String::from_utf8(messages_json).expect("serde_json writes UTF-8");
-        // The rest is small; the messages and tools go in as JSON text.
-        let mut chat = RequestBody::parse(b"{}").expect("an empty object parses");
+        let tools = body.raw("tools").filter(|t| *t != "null");
+        // One pass into one buffer: the small fields (`out`, never empty: it has the model),
+        // then the messages, written directly, and the client's tools as they came.
+        let mut bytes = Vec::with_capacity(raw_messages.len() + tools.map_or(0, str::len) + 256);
+        bytes.push(b'{');
         for (k, v) in &out {
-            chat.set_json(k, v.to_string());
+            write_json(&mut bytes, k);
+            bytes.push(b':');
+            write_json(&mut bytes, v);
+            bytes.push(b',');
         }
-        chat.set_json("messages", messages_json);
-        if let Some(tools) = body.raw("tools").filter(|t| *t != "null") {
-            chat.set_json("tools", tools.to_string());
+        bytes.extend_from_slice(b"\"messages\":");
+        let at = bytes.len();
+        bytes.push(b'[');
+        for (i, m) in converted.iter().enumerate() {
+            if i > 0 {
+                bytes.push(b',');
+            }
+            m.write(&mut bytes);
         }
-        return Ok(bearer_request(d, "/api/chat", chat.to_bytes()));
+        bytes.push(b']');
+        debug_assert_eq!(
+            String::from_utf8_lossy(&bytes[at..]),
+            serde_json::to_string(&converted).expect("json serializes"),
+            "the hand-written messages are serde_json's"
+        );
+        if let Some(tools) = tools {
+            bytes.extend_from_slice(b",\"tools\":");
+            bytes.extend_from_slice(tools.as_bytes());
+        }
+        bytes.push(b'}');
+        return Ok(bearer_request(d, "/api/chat", bytes));
     };
     Ok(finish(d, path, out))
 }
@@ -149,6 +168,30 @@ struct OllamaMessage<'a> {
     images: Vec<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tool_calls: Vec<OllamaToolCall<'a>>,
+}
+
+/// Appends `value` as JSON.
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(out, value).expect("json serializes");
+}
+
+impl OllamaMessage<'_> {
+    /// Appends the message as serde_json writes it (the content token copied where it can be).
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"role\":");
+        write_json(out, self.role);
+        out.extend_from_slice(b",\"content\":");
+        self.content.write(out);
+        if !self.images.is_empty() {
+            out.extend_from_slice(b",\"images\":");
+            write_json(out, &self.images);
+        }
+        if !self.tool_calls.is_empty() {
+            out.extend_from_slice(b",\"tool_calls\":");
+            write_json(out, &self.tool_calls);
+        }
+        out.push(b'}');
+    }
 }
 
 #[derive(Serialize)]
