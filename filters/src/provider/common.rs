@@ -238,6 +238,109 @@ fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
     }
 }
 
+/// A `tool_calls` list (`src`, its JSON text) read in one pass with the body's scanner, as
+/// serde reads [`InToolCall`]s; `None` (serde decides) for anything unusual.
+pub(super) fn scan_tool_calls(src: &str) -> Option<Vec<InToolCall<'_>>> {
+    let mut s = Scanner::new(src.as_bytes());
+    s.ws();
+    s.eat(b'[').then_some(())?;
+    s.ws();
+    let mut out = Vec::with_capacity(1);
+    if !s.eat(b']') {
+        loop {
+            out.push(scan_tool_call(&mut s, src)?);
+            s.ws();
+            if s.eat(b']') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    s.ws();
+    (s.pos() == src.len()).then_some(out)
+}
+
+/// An object at the scanner, each field handed to `field` (key without quotes, value token,
+/// whether the value is a string with escapes), which gives the field's bit (0: ignored) or
+/// `None`. `None` for a key with escapes or a repeated field (serde's error).
+fn scan_fields<'a>(
+    s: &mut Scanner,
+    src: &'a str,
+    mut field: impl FnMut(&'a str, &'a str, bool) -> Option<u8>,
+) -> Option<()> {
+    s.eat(b'{').then_some(())?;
+    s.ws();
+    let mut seen = 0u8;
+    if !s.eat(b'}') {
+        loop {
+            let (key, escaped) = scan_value(s, src)?;
+            if escaped || !key.starts_with('"') {
+                return None;
+            }
+            s.ws();
+            s.eat(b':').then_some(())?;
+            s.ws();
+            let (value, escaped) = scan_value(s, src)?;
+            let bit = field(&key[1..key.len() - 1], value, escaped)?;
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            s.ws();
+            if s.eat(b'}') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    Some(())
+}
+
+fn scan_tool_call<'a>(s: &mut Scanner, src: &'a str) -> Option<InToolCall<'a>> {
+    let mut id = None;
+    let mut function = None;
+    scan_fields(s, src, |key, value, escaped| match key {
+        "id" => {
+            id = Some(token_str(value, escaped)?);
+            Some(1)
+        }
+        "function" => {
+            function = Some(scan_function(value)?);
+            Some(2)
+        }
+        _ => Some(0),
+    })?;
+    Some(InToolCall {
+        id: id?,
+        function: function?,
+    })
+}
+
+/// A tool call's `function` object (`src`, its JSON text).
+fn scan_function(src: &str) -> Option<InFunction<'_>> {
+    let mut s = Scanner::new(src.as_bytes());
+    let mut name = None;
+    let mut arguments = Cow::Borrowed("");
+    scan_fields(&mut s, src, |key, value, escaped| match key {
+        "name" => {
+            name = Some(token_str(value, escaped)?);
+            Some(1)
+        }
+        "arguments" => {
+            arguments = token_str(value, escaped)?;
+            Some(2)
+        }
+        _ => Some(0),
+    })?;
+    (s.pos() == src.len()).then_some(())?;
+    Some(InFunction {
+        name: name?,
+        arguments,
+    })
+}
+
 /// The string of a string token (quotes included; checked by the scanner), as serde_json
 /// unescapes it. `\u` escapes (rarer; surrogate pairs) are left to serde_json.
 fn unescape(token: &str) -> Option<String> {
@@ -312,7 +415,7 @@ fn scan_message<'a>(s: &mut Scanner, src: &'a str) -> Option<InMessage<'a>> {
                 "tool_calls" => {
                     m.tool_calls = match value.as_bytes()[0] {
                         b'n' => None,
-                        b'[' => Some(serde_json::from_str(value).ok()?),
+                        b'[' => Some(scan_tool_calls(value)?),
                         _ => return None,
                     };
                     4
@@ -530,6 +633,30 @@ impl ChunkWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scans_tool_calls_as_serde_does() {
+        let src = r#"[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}},
+            {"function":{"arguments":"","name":"g\u00e9"},"id":"c\"2"}, {"id":"c3","function":{"name":"h"}}]"#;
+        let scanned = scan_tool_calls(src).expect("scans");
+        let serde: Vec<InToolCall> = serde_json::from_str(src).unwrap();
+        assert_eq!(scanned.len(), serde.len());
+        for (a, b) in scanned.iter().zip(&serde) {
+            assert_eq!(a.id, b.id);
+            assert_eq!(a.function.name, b.function.name);
+            assert_eq!(a.function.arguments, b.function.arguments);
+        }
+        // Left to serde: repeated fields, wrong types, missing fields.
+        for odd in [
+            r#"[{"id":"a","id":"b","function":{"name":"f"}}]"#,
+            r#"[{"id":1,"function":{"name":"f"}}]"#,
+            r#"[{"id":"a","function":{"arguments":"{}"}}]"#,
+            r#"[{"function":{"name":"f"}}]"#,
+            r#"[{"id":"a","function":{"name":"f","arguments":null}}]"#,
+        ] {
+            assert!(scan_tool_calls(odd).is_none(), "{odd}");
+        }
+    }
 
     #[test]
     fn unescapes_as_serde_json_does() {

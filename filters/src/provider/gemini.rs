@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, canonical_escapes, now, parse_field, text, token_text, ChunkWriter, InContent, InToolCall,
-    Text,
+    bad, canonical_escapes, now, parse_field, scan_tool_calls, text, token_text, ChunkWriter,
+    InContent, InToolCall, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::{RequestBody, Scanner};
@@ -564,7 +564,7 @@ fn read_message<'a>(s: &mut Scanner, src: &'a str) -> Option<Message<'a>> {
                 "tool_calls" => {
                     m.tool_calls = match value.as_bytes()[0] {
                         b'n' => None,
-                        b'[' => Some(serde_json::from_str(value).ok()?),
+                        b'[' => Some(scan_tool_calls(value)?),
                         _ => return None,
                     };
                     8
