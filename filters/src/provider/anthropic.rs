@@ -478,7 +478,7 @@ pub(super) fn build_request(
         system: match system.as_slice() {
             [] => None,
             // One system prompt (the common case): its token, copied through where it can be.
-            [Cow::Borrowed(s)] => Some(text(raw_messages, *s)),
+            [Cow::Borrowed(s)] => Some(text(raw_messages, s)),
             _ => Some(Text::Str(Cow::Owned(system.join("\n")))),
         },
         max_tokens,

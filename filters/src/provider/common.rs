@@ -227,7 +227,7 @@ fn scan_value<'a>(s: &mut Scanner, src: &'a str) -> Option<(&'a str, bool)> {
 }
 
 /// A string token's string, as serde gives it: borrowed without escapes, else unescaped.
-fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
+pub(super) fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
     if !token.starts_with('"') {
         return None;
     }

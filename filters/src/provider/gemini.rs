@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, canonical_escapes, now, parse_field, scan_tool_calls, text, token_text, ChunkWriter,
-    InContent, InToolCall, Text,
+    bad, canonical_escapes, now, parse_field, scan_tool_calls, text, token_str, token_text,
+    ChunkWriter, InContent, InToolCall, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::{RequestBody, Scanner};
@@ -491,18 +491,6 @@ fn read_value<'a>(s: &mut Scanner, src: &'a str) -> Option<(&'a str, bool)> {
         false
     };
     Some((&src[start..s.pos()], escaped))
-}
-
-/// A string token's string, as serde gives it: borrowed without escapes, else unescaped.
-fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
-    if !token.starts_with('"') {
-        return None;
-    }
-    if escaped {
-        serde_json::from_str::<String>(token).ok().map(Cow::Owned)
-    } else {
-        Some(Cow::Borrowed(&token[1..token.len() - 1]))
-    }
 }
 
 /// A string or `null` (`Option<Cow<str>>`).
