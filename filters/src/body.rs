@@ -342,7 +342,51 @@ impl<'b> Scanner<'b> {
     }
 
     /// The rest of a string whose opening quote is eaten; whether it had escapes.
+    ///
+    /// Most strings (keys, short values) end within a block or two and have no escapes: that
+    /// case is a loop small enough to inline into the callers, without the set-up of the full
+    /// scan ([`Scanner::string_slow`]), which takes over from the first escape or control
+    /// character, and near the end of the input.
+    #[inline(always)]
     pub(crate) fn string(&mut self) -> Option<bool> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{
+                __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
+                _mm_or_si128, _mm_set1_epi8,
+            };
+            let b = self.b;
+            let mut at = self.i;
+            while at + 16 <= b.len() {
+                // SAFETY: SSE2 is part of x86_64; the 16 bytes loaded (unaligned) are within
+                // `b`.
+                let mask = unsafe {
+                    let x = _mm_loadu_si128(b.as_ptr().add(at).cast::<__m128i>());
+                    let quote = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8));
+                    let backslash = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'\\' as i8));
+                    // x < 0x20 exactly when min(x, 0x1f) == x (unsigned).
+                    let ctrl = _mm_cmpeq_epi8(_mm_min_epu8(x, _mm_set1_epi8(0x1f)), x);
+                    _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), ctrl))
+                };
+                if mask != 0 {
+                    let end = at + mask.trailing_zeros() as usize;
+                    if b[end] == b'"' {
+                        self.i = end + 1;
+                        return Some(false);
+                    }
+                    break;
+                }
+                at += 16;
+            }
+            // Nothing special before `at`.
+            self.i = at;
+        }
+        self.string_slow()
+    }
+
+    /// [`Scanner::string`] in full: escapes, errors and the last bytes of the input.
+    #[inline(never)]
+    fn string_slow(&mut self) -> Option<bool> {
         let mut escaped = false;
         loop {
             let rest = &self.b[self.i..];

@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, parse_field, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart,
-    InTool,
+    bad, now, parse_field, read_messages, text, CachedUsage, ChunkWriter, InContent, InImageUrl,
+    InMessage, InPart, InTool, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -45,7 +45,7 @@ const UNSUPPORTED: &[&str] = &[
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Block<'a> {
     Text {
-        text: Cow<'a, str>,
+        text: Text<'a>,
         #[serde(skip_serializing_if = "Option::is_none")]
         cache_control: Option<&'a RawValue>,
     },
@@ -73,7 +73,7 @@ enum ImageSource<'a> {
 #[derive(Serialize)]
 #[serde(untagged)]
 enum ToolResultContent<'a> {
-    Text(Cow<'a, str>),
+    Text(Text<'a>),
     Blocks(Vec<Block<'a>>),
 }
 
@@ -83,31 +83,105 @@ struct Turn<'a> {
     content: Vec<Block<'a>>,
 }
 
-/// OpenAI message content (a string or a list of parts) as Anthropic content blocks.
-fn content_blocks<'a>(content: &'a Option<InContent<'a>>) -> Result<Vec<Block<'a>>, ApiError> {
+/// Appends `value` as JSON.
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(out, value).expect("json serializes");
+}
+
+impl Turn<'_> {
+    /// Appends the turn as serde_json writes it (field names as literals, text tokens copied).
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"role\":");
+        write_json(out, self.role);
+        out.extend_from_slice(b",\"content\":");
+        write_blocks(out, &self.content);
+        out.push(b'}');
+    }
+}
+
+fn write_blocks(out: &mut Vec<u8>, blocks: &[Block]) {
+    out.push(b'[');
+    for (i, b) in blocks.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        b.write(out);
+    }
+    out.push(b']');
+}
+
+impl Block<'_> {
+    /// Appends the block as serde_json writes it.
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Block::Text {
+                text,
+                cache_control,
+            } => {
+                out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
+                text.write(out);
+                if let Some(c) = cache_control {
+                    out.extend_from_slice(b",\"cache_control\":");
+                    out.extend_from_slice(c.get().as_bytes());
+                }
+            }
+            Block::ToolUse { id, name, input } => {
+                out.extend_from_slice(b"{\"type\":\"tool_use\",\"id\":");
+                write_json(out, id.as_ref());
+                out.extend_from_slice(b",\"name\":");
+                write_json(out, name.as_ref());
+                out.extend_from_slice(b",\"input\":");
+                out.extend_from_slice(input.get().as_bytes());
+            }
+            Block::ToolResult {
+                tool_use_id,
+                content,
+            } => {
+                out.extend_from_slice(b"{\"type\":\"tool_result\",\"tool_use_id\":");
+                write_json(out, tool_use_id.as_ref());
+                out.extend_from_slice(b",\"content\":");
+                match content {
+                    ToolResultContent::Text(text) => text.write(out),
+                    ToolResultContent::Blocks(blocks) => write_blocks(out, blocks),
+                }
+            }
+            // Rare: serde's own writing.
+            Block::Image { .. } => return write_json(out, self),
+        }
+        out.push(b'}');
+    }
+}
+
+/// OpenAI message content (a string or a list of parts) as Anthropic content blocks. `src` is
+/// the client's `messages` JSON the content was read from (its string tokens are copied through
+/// where serde_json would write them the same, see [`text`]).
+fn content_blocks<'a>(
+    src: &'a str,
+    content: &'a Option<InContent<'a>>,
+) -> Result<Vec<Block<'a>>, ApiError> {
     match content {
         None => Ok(vec![]),
         Some(InContent::Text(s)) if s.is_empty() => Ok(vec![]),
         Some(InContent::Text(s)) => Ok(vec![Block::Text {
-            text: Cow::Borrowed(s),
+            text: text(src, s),
             cache_control: None,
         }]),
         Some(InContent::Parts(parts)) => {
             let mut blocks = Vec::with_capacity(parts.len());
             for p in parts {
-                blocks.extend(part_block(p)?);
+                blocks.extend(part_block(src, p)?);
             }
             Ok(blocks)
         }
     }
 }
 
-fn part_block<'a>(part: &'a InPart<'a>) -> Result<Option<Block<'a>>, ApiError> {
+fn part_block<'a>(src: &'a str, part: &'a InPart<'a>) -> Result<Option<Block<'a>>, ApiError> {
     match part.kind.as_ref() {
         "text" => {
-            let text = part.text.as_deref().unwrap_or("");
-            Ok((!text.is_empty()).then_some(Block::Text {
-                text: Cow::Borrowed(text),
+            let s = part.text.as_deref().unwrap_or("");
+            Ok((!s.is_empty()).then_some(Block::Text {
+                text: text(src, s),
                 cache_control: part.cache_control,
             }))
         }
@@ -170,24 +244,25 @@ fn push_turn<'a>(messages: &mut Vec<Turn<'a>>, role: &'static str, blocks: Vec<B
 
 type Converted<'a> = (Vec<Cow<'a, str>>, Vec<Turn<'a>>);
 
-fn convert_messages<'a>(raw: &'a [InMessage<'a>]) -> Result<Converted<'a>, ApiError> {
+/// `raw` are the messages parsed from `src`.
+fn convert_messages<'a>(src: &'a str, raw: &'a [InMessage<'a>]) -> Result<Converted<'a>, ApiError> {
     let mut system = vec![];
     let mut messages: Vec<Turn> = Vec::with_capacity(raw.len());
     for m in raw {
         match m.role.as_ref() {
             "system" | "developer" => system.push(text_of(&m.content)),
-            "user" => push_turn(&mut messages, "user", content_blocks(&m.content)?),
+            "user" => push_turn(&mut messages, "user", content_blocks(src, &m.content)?),
             "assistant" => {
                 let mut blocks = vec![];
                 if let Some(r) = m.reasoning_content.as_deref().filter(|r| !r.is_empty()) {
                     // Without the signature Anthropic issued, a thinking block cannot be sent
                     // back; keep it as text so the context is not lost.
                     blocks.push(Block::Text {
-                        text: Cow::Borrowed(r),
+                        text: text(src, r),
                         cache_control: None,
                     });
                 }
-                blocks.extend(content_blocks(&m.content)?);
+                blocks.extend(content_blocks(src, &m.content)?);
                 for call in m.tool_calls.iter().flatten() {
                     let args = call.function.arguments.trim();
                     let input = RawValue::from_string(if args.is_empty() {
@@ -214,8 +289,8 @@ fn convert_messages<'a>(raw: &'a [InMessage<'a>]) -> Result<Converted<'a>, ApiEr
                     bad("A tool message needs tool_call_id").with_param("messages")
                 })?;
                 let content = match &m.content {
-                    Some(InContent::Text(s)) => ToolResultContent::Text(Cow::Borrowed(s)),
-                    other => ToolResultContent::Blocks(content_blocks(other)?),
+                    Some(InContent::Text(s)) => ToolResultContent::Text(text(src, s)),
+                    other => ToolResultContent::Blocks(content_blocks(src, other)?),
                 };
                 push_turn(
                     &mut messages,
@@ -334,10 +409,8 @@ pub(super) fn build_request(
     }
 
     let raw_messages = body.raw("messages").unwrap_or("[]");
-    let messages: Vec<InMessage> = serde_json::from_str(raw_messages).map_err(|e| {
-        bad(format!("Invalid request body: `messages`: {e}")).with_param("messages")
-    })?;
-    let (system, turns) = convert_messages(&messages)?;
+    let messages = read_messages(raw_messages)?;
+    let (system, turns) = convert_messages(raw_messages, &messages)?;
     let system: Vec<Cow<str>> = system.into_iter().filter(|s| !s.is_empty()).collect();
     let max_tokens: Option<u64> = parse_field(body, "max_completion_tokens")?;
     let max_tokens = max_tokens
@@ -402,7 +475,12 @@ pub(super) fn build_request(
     let out = MessagesRequest {
         model: upstream_model,
         messages: turns,
-        system: (!system.is_empty()).then(|| system.join("\n")),
+        system: match system.as_slice() {
+            [] => None,
+            // One system prompt (the common case): its token, copied through where it can be.
+            [Cow::Borrowed(s)] => Some(text(raw_messages, s)),
+            _ => Some(Text::Str(Cow::Owned(system.join("\n")))),
+        },
         max_tokens,
         temperature: raw_param("temperature")?,
         top_p: raw_param("top_p")?,
@@ -426,7 +504,12 @@ pub(super) fn build_request(
         body: {
             // Sized once: the output is about as long as the client's messages and tools.
             let mut bytes = Vec::with_capacity(raw_messages.len() + tools_len + 256);
-            serde_json::to_writer(&mut bytes, &out).expect("json serializes");
+            out.write(&mut bytes);
+            debug_assert_eq!(
+                String::from_utf8_lossy(&bytes),
+                serde_json::to_string(&out).expect("json serializes"),
+                "the hand-written body is serde_json's"
+            );
             bytes
         },
         injected_stream_usage: false,
@@ -446,7 +529,7 @@ struct MessagesRequest<'a> {
     model: &'a str,
     messages: Vec<Turn<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    system: Option<String>,
+    system: Option<Text<'a>>,
     max_tokens: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<&'a RawValue>,
@@ -466,6 +549,61 @@ struct MessagesRequest<'a> {
     tools: Vec<OutTool<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_choice: Option<Value>,
+}
+
+impl MessagesRequest<'_> {
+    /// Appends the body exactly as serde_json serializes it (checked in debug builds), with
+    /// the messages, most of the bytes, written directly.
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"model\":");
+        write_json(out, self.model);
+        out.extend_from_slice(b",\"messages\":[");
+        for (i, t) in self.messages.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            t.write(out);
+        }
+        out.push(b']');
+        if let Some(system) = &self.system {
+            out.extend_from_slice(b",\"system\":");
+            system.write(out);
+        }
+        out.extend_from_slice(b",\"max_tokens\":");
+        write_json(out, &self.max_tokens);
+        for (key, value) in [
+            (&b",\"temperature\":"[..], self.temperature),
+            (b",\"top_p\":", self.top_p),
+            (b",\"top_k\":", self.top_k),
+            (b",\"thinking\":", self.thinking),
+        ] {
+            if let Some(v) = value {
+                out.extend_from_slice(key);
+                out.extend_from_slice(v.get().as_bytes());
+            }
+        }
+        if let Some(stop) = &self.stop_sequences {
+            out.extend_from_slice(b",\"stop_sequences\":");
+            write_json(out, stop);
+        }
+        if let Some(stream) = self.stream {
+            out.extend_from_slice(b",\"stream\":");
+            write_json(out, &stream);
+        }
+        if let Some(metadata) = &self.metadata {
+            out.extend_from_slice(b",\"metadata\":");
+            write_json(out, metadata);
+        }
+        if !self.tools.is_empty() {
+            out.extend_from_slice(b",\"tools\":");
+            write_json(out, &self.tools);
+        }
+        if let Some(choice) = &self.tool_choice {
+            out.extend_from_slice(b",\"tool_choice\":");
+            write_json(out, choice);
+        }
+        out.push(b'}');
+    }
 }
 
 #[derive(Serialize)]

@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, parse_field, text, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage,
-    InPart, InTool, Text,
+    bad, now, parse_field, read_messages, text, CachedUsage, ChunkWriter, InContent, InImageUrl,
+    InMessage, InPart, InTool, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -115,6 +115,64 @@ const CACHE_POINT: CachePoint = CachePoint { kind: "default" };
 struct Turn<'a> {
     role: &'static str,
     content: Vec<Block<'a>>,
+}
+
+/// Appends `value` as JSON.
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(out, value).expect("json serializes");
+}
+
+impl Turn<'_> {
+    /// Appends the turn as serde_json writes it (field names as literals, text tokens copied).
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"role\":");
+        write_json(out, self.role);
+        out.extend_from_slice(b",\"content\":");
+        write_blocks(out, &self.content);
+        out.push(b'}');
+    }
+}
+
+fn write_blocks(out: &mut Vec<u8>, blocks: &[Block]) {
+    out.push(b'[');
+    for (i, b) in blocks.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        b.write(out);
+    }
+    out.push(b']');
+}
+
+impl Block<'_> {
+    /// Appends the block as serde_json writes it.
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Block::Text(text) => {
+                out.extend_from_slice(b"{\"text\":");
+                text.write(out);
+            }
+            Block::ToolUse(t) => {
+                out.extend_from_slice(b"{\"toolUse\":{\"toolUseId\":");
+                write_json(out, t.tool_use_id);
+                out.extend_from_slice(b",\"name\":");
+                write_json(out, t.name);
+                out.extend_from_slice(b",\"input\":");
+                out.extend_from_slice(t.input.get().as_bytes());
+                out.push(b'}');
+            }
+            Block::ToolResult(t) => {
+                out.extend_from_slice(b"{\"toolResult\":{\"toolUseId\":");
+                write_json(out, t.tool_use_id);
+                out.extend_from_slice(b",\"content\":");
+                write_blocks(out, &t.content);
+                out.push(b'}');
+            }
+            // Rare: serde's own writing.
+            Block::Image(_) | Block::CachePoint(_) => return write_json(out, self),
+        }
+        out.push(b'}');
+    }
 }
 
 /// OpenAI message content (a string or a list of parts) appended to `out` as Converse content
@@ -399,6 +457,38 @@ struct ConverseRequest<'a> {
     tool_config: Option<ToolConfig<'a>>,
 }
 
+impl ConverseRequest<'_> {
+    /// Appends the body exactly as serde_json serializes it (checked in debug builds), with
+    /// the messages and system blocks, most of the bytes, written directly.
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"messages\":[");
+        for (i, t) in self.messages.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            t.write(out);
+        }
+        out.push(b']');
+        if !self.system.is_empty() {
+            out.extend_from_slice(b",\"system\":");
+            write_blocks(out, &self.system);
+        }
+        if !self.inference_config.is_empty() {
+            out.extend_from_slice(b",\"inferenceConfig\":");
+            write_json(out, &self.inference_config);
+        }
+        if !self.additional_model_request_fields.is_empty() {
+            out.extend_from_slice(b",\"additionalModelRequestFields\":");
+            write_json(out, &self.additional_model_request_fields);
+        }
+        if let Some(tools) = &self.tool_config {
+            out.extend_from_slice(b",\"toolConfig\":");
+            write_json(out, tools);
+        }
+        out.push(b'}');
+    }
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct InferenceConfig<'a> {
@@ -540,9 +630,7 @@ fn build_chat(
         .raw("messages")
         .filter(|r| *r != "null")
         .unwrap_or("[]");
-    let messages: Vec<InMessage> = serde_json::from_str(raw_messages).map_err(|e| {
-        bad(format!("Invalid request body: `messages`: {e}")).with_param("messages")
-    })?;
+    let messages = read_messages(raw_messages)?;
     let (system, messages) = convert_messages(raw_messages, &messages)?;
 
     let max_tokens: Option<u64> = parse_field(body, "max_completion_tokens")?;
@@ -634,7 +722,12 @@ fn build_chat(
         body: {
             // Sized once: the output is about as long as the client's messages and tools.
             let mut bytes = Vec::with_capacity(raw_messages.len() + tools_len + 256);
-            serde_json::to_writer(&mut bytes, &out).expect("json serializes");
+            out.write(&mut bytes);
+            debug_assert_eq!(
+                String::from_utf8_lossy(&bytes),
+                serde_json::to_string(&out).expect("json serializes"),
+                "the hand-written body is serde_json's"
+            );
             bytes
         },
         injected_stream_usage: false,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::body::RequestBody;
+use crate::body::{RequestBody, Scanner};
 use crate::error::ApiError;
 use crate::usage::Usage;
 
@@ -177,6 +177,272 @@ impl<'de: 'a, 'a, P: Deserialize<'de>> Deserialize<'de> for InContent<'a, P> {
         }
         d.deserialize_any(V(std::marker::PhantomData))
     }
+}
+
+/// The client's `messages` (`src`, the field's JSON text) as [`InMessage`]s: read with the
+/// body's scanner where it can ([`scan_messages`]), else by serde, which gives any error.
+pub(super) fn read_messages(src: &str) -> Result<Vec<InMessage<'_>>, ApiError> {
+    if let Some(messages) = scan_messages(src) {
+        return Ok(messages);
+    }
+    serde_json::from_str(src)
+        .map_err(|e| bad(format!("Invalid request body: `messages`: {e}")).with_param("messages"))
+}
+
+/// The messages read directly, without serde's visitors, for the common shapes: the same
+/// values serde would give (strings borrowed unless they have escapes). `None` (serde decides)
+/// for anything else: malformed JSON, keys with escapes, repeated fields, wrong types, a
+/// missing role.
+fn scan_messages(src: &str) -> Option<Vec<InMessage<'_>>> {
+    let mut s = Scanner::new(src.as_bytes());
+    s.ws();
+    s.eat(b'[').then_some(())?;
+    s.ws();
+    let mut out = Vec::with_capacity(8);
+    if !s.eat(b']') {
+        loop {
+            out.push(scan_message(&mut s, src)?);
+            s.ws();
+            if s.eat(b']') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    s.ws();
+    (s.pos() == src.len()).then_some(out)
+}
+
+/// One value at the scanner: its JSON text and whether it is a string with escapes.
+fn scan_value<'a>(s: &mut Scanner, src: &'a str) -> Option<(&'a str, bool)> {
+    let start = s.pos();
+    let escaped = if s.eat(b'"') {
+        s.string()?
+    } else {
+        s.value()?;
+        false
+    };
+    Some((&src[start..s.pos()], escaped))
+}
+
+/// A string token's string, as serde gives it: borrowed without escapes, else unescaped.
+pub(super) fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
+    if !token.starts_with('"') {
+        return None;
+    }
+    if escaped {
+        unescape(token).map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(&token[1..token.len() - 1]))
+    }
+}
+
+/// A `tool_calls` list (`src`, its JSON text) read in one pass with the body's scanner, as
+/// serde reads [`InToolCall`]s; `None` (serde decides) for anything unusual.
+pub(super) fn scan_tool_calls(src: &str) -> Option<Vec<InToolCall<'_>>> {
+    let mut s = Scanner::new(src.as_bytes());
+    s.ws();
+    s.eat(b'[').then_some(())?;
+    s.ws();
+    let mut out = Vec::with_capacity(1);
+    if !s.eat(b']') {
+        loop {
+            out.push(scan_tool_call(&mut s, src)?);
+            s.ws();
+            if s.eat(b']') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    s.ws();
+    (s.pos() == src.len()).then_some(out)
+}
+
+/// An object at the scanner, each field handed to `field` (key without quotes, value token,
+/// whether the value is a string with escapes), which gives the field's bit (0: ignored) or
+/// `None`. `None` for a key with escapes or a repeated field (serde's error).
+fn scan_fields<'a>(
+    s: &mut Scanner,
+    src: &'a str,
+    mut field: impl FnMut(&'a str, &'a str, bool) -> Option<u8>,
+) -> Option<()> {
+    s.eat(b'{').then_some(())?;
+    s.ws();
+    let mut seen = 0u8;
+    if !s.eat(b'}') {
+        loop {
+            let (key, escaped) = scan_value(s, src)?;
+            if escaped || !key.starts_with('"') {
+                return None;
+            }
+            s.ws();
+            s.eat(b':').then_some(())?;
+            s.ws();
+            let (value, escaped) = scan_value(s, src)?;
+            let bit = field(&key[1..key.len() - 1], value, escaped)?;
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            s.ws();
+            if s.eat(b'}') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    Some(())
+}
+
+fn scan_tool_call<'a>(s: &mut Scanner, src: &'a str) -> Option<InToolCall<'a>> {
+    let mut id = None;
+    let mut function = None;
+    scan_fields(s, src, |key, value, escaped| match key {
+        "id" => {
+            id = Some(token_str(value, escaped)?);
+            Some(1)
+        }
+        "function" => {
+            function = Some(scan_function(value)?);
+            Some(2)
+        }
+        _ => Some(0),
+    })?;
+    Some(InToolCall {
+        id: id?,
+        function: function?,
+    })
+}
+
+/// A tool call's `function` object (`src`, its JSON text).
+fn scan_function(src: &str) -> Option<InFunction<'_>> {
+    let mut s = Scanner::new(src.as_bytes());
+    let mut name = None;
+    let mut arguments = Cow::Borrowed("");
+    scan_fields(&mut s, src, |key, value, escaped| match key {
+        "name" => {
+            name = Some(token_str(value, escaped)?);
+            Some(1)
+        }
+        "arguments" => {
+            arguments = token_str(value, escaped)?;
+            Some(2)
+        }
+        _ => Some(0),
+    })?;
+    (s.pos() == src.len()).then_some(())?;
+    Some(InFunction {
+        name: name?,
+        arguments,
+    })
+}
+
+/// The string of a string token (quotes included; checked by the scanner), as serde_json
+/// unescapes it. `\u` escapes (rarer; surrogate pairs) are left to serde_json.
+fn unescape(token: &str) -> Option<String> {
+    let bytes = &token.as_bytes()[1..token.len() - 1];
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(at) = memchr::memchr(b'\\', &bytes[i..]) {
+        out.extend_from_slice(&bytes[i..i + at]);
+        let c = match bytes.get(i + at + 1)? {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            _ => return serde_json::from_str(token).ok(),
+        };
+        out.push(c);
+        i += at + 2;
+    }
+    out.extend_from_slice(&bytes[i..]);
+    // Valid UTF-8: escapes were replaced by ASCII between whole characters.
+    String::from_utf8(out).ok()
+}
+
+/// A string or `null` (`Option<Cow<str>>`).
+fn opt_str(token: &str, escaped: bool) -> Option<Option<Cow<'_, str>>> {
+    match token {
+        "null" => Some(None),
+        _ => token_str(token, escaped).map(Some),
+    }
+}
+
+fn scan_message<'a>(s: &mut Scanner, src: &'a str) -> Option<InMessage<'a>> {
+    s.eat(b'{').then_some(())?;
+    s.ws();
+    let mut m = InMessage {
+        role: Cow::Borrowed(""),
+        content: None,
+        tool_calls: None,
+        tool_call_id: None,
+        reasoning_content: None,
+    };
+    // Fields seen (a repeated one is serde's error).
+    let mut seen = 0u8;
+    if !s.eat(b'}') {
+        loop {
+            let (key, escaped) = scan_value(s, src)?;
+            if escaped || !key.starts_with('"') {
+                return None;
+            }
+            s.ws();
+            s.eat(b':').then_some(())?;
+            s.ws();
+            let (value, escaped) = scan_value(s, src)?;
+            let bit = match &key[1..key.len() - 1] {
+                "role" => {
+                    m.role = token_str(value, escaped)?;
+                    1
+                }
+                "content" => {
+                    m.content = match value.as_bytes()[0] {
+                        b'n' => None,
+                        b'"' => Some(InContent::Text(token_str(value, escaped)?)),
+                        b'[' => Some(InContent::Parts(serde_json::from_str(value).ok()?)),
+                        _ => return None,
+                    };
+                    2
+                }
+                "tool_calls" => {
+                    m.tool_calls = match value.as_bytes()[0] {
+                        b'n' => None,
+                        b'[' => Some(scan_tool_calls(value)?),
+                        _ => return None,
+                    };
+                    4
+                }
+                "tool_call_id" => {
+                    m.tool_call_id = opt_str(value, escaped)?;
+                    8
+                }
+                "reasoning_content" => {
+                    m.reasoning_content = opt_str(value, escaped)?;
+                    16
+                }
+                _ => 0,
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            s.ws();
+            if s.eat(b'}') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    (seen & 1 != 0).then_some(m)
 }
 
 #[derive(Deserialize)]
@@ -367,6 +633,46 @@ impl ChunkWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scans_tool_calls_as_serde_does() {
+        let src = r#"[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}},
+            {"function":{"arguments":"","name":"g\u00e9"},"id":"c\"2"}, {"id":"c3","function":{"name":"h"}}]"#;
+        let scanned = scan_tool_calls(src).expect("scans");
+        let serde: Vec<InToolCall> = serde_json::from_str(src).unwrap();
+        assert_eq!(scanned.len(), serde.len());
+        for (a, b) in scanned.iter().zip(&serde) {
+            assert_eq!(a.id, b.id);
+            assert_eq!(a.function.name, b.function.name);
+            assert_eq!(a.function.arguments, b.function.arguments);
+        }
+        // Left to serde: repeated fields, wrong types, missing fields.
+        for odd in [
+            r#"[{"id":"a","id":"b","function":{"name":"f"}}]"#,
+            r#"[{"id":1,"function":{"name":"f"}}]"#,
+            r#"[{"id":"a","function":{"arguments":"{}"}}]"#,
+            r#"[{"function":{"name":"f"}}]"#,
+            r#"[{"id":"a","function":{"name":"f","arguments":null}}]"#,
+        ] {
+            assert!(scan_tool_calls(odd).is_none(), "{odd}");
+        }
+    }
+
+    #[test]
+    fn unescapes_as_serde_json_does() {
+        for token in [
+            r#""plain""#,
+            r#""a\"b\\c\/d\be\ff\ng\rh\ti""#,
+            r#""\\""#,
+            r#""h\u00e9 \ud83d\ude00 \n""#,
+            r#""x\u0041""#,
+            r#""\ud800""#,
+        ] {
+            let serde = serde_json::from_str::<String>(token).ok();
+            assert_eq!(unescape(token), serde, "{token}");
+        }
+        assert_eq!(token_str(r#""a\nb""#, true).unwrap(), "a\nb");
+    }
 
     #[test]
     fn chunk_writer_emits_valid_chunks() {

@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, canonical_escapes, now, parse_field, text, token_text, ChunkWriter, InContent, InToolCall,
-    Text,
+    bad, canonical_escapes, now, parse_field, scan_tool_calls, text, token_str, token_text,
+    ChunkWriter, InContent, InToolCall, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::{RequestBody, Scanner};
@@ -493,18 +493,6 @@ fn read_value<'a>(s: &mut Scanner, src: &'a str) -> Option<(&'a str, bool)> {
     Some((&src[start..s.pos()], escaped))
 }
 
-/// A string token's string, as serde gives it: borrowed without escapes, else unescaped.
-fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
-    if !token.starts_with('"') {
-        return None;
-    }
-    if escaped {
-        serde_json::from_str::<String>(token).ok().map(Cow::Owned)
-    } else {
-        Some(Cow::Borrowed(&token[1..token.len() - 1]))
-    }
-}
-
 /// A string or `null` (`Option<Cow<str>>`).
 fn opt_str(token: &str, escaped: bool) -> Option<Option<Cow<'_, str>>> {
     match token {
@@ -564,7 +552,7 @@ fn read_message<'a>(s: &mut Scanner, src: &'a str) -> Option<Message<'a>> {
                 "tool_calls" => {
                     m.tool_calls = match value.as_bytes()[0] {
                         b'n' => None,
-                        b'[' => Some(serde_json::from_str(value).ok()?),
+                        b'[' => Some(scan_tool_calls(value)?),
                         _ => return None,
                     };
                     8
@@ -798,6 +786,214 @@ impl<'de: 'a, 'a> Deserialize<'de> for Json<'a> {
         }
         d.deserialize_any(V(std::marker::PhantomData))
     }
+}
+
+/// One JSON value at the scanner as [`Json`]: the value serde gives (strings borrowed unless
+/// escaped, the last of repeated keys in the first one's place). `None` (serde decides) for
+/// malformed JSON, numbers serde_json cannot hold, deep nesting.
+fn scan_json_value<'a>(s: &mut Scanner, src: &'a str, depth: u32) -> Option<Json<'a>> {
+    if depth == 64 {
+        return None;
+    }
+    let start = s.pos();
+    match s.peek()? {
+        b'"' => {
+            s.eat(b'"');
+            let escaped = s.string()?;
+            Some(Json::Str(token_str(&src[start..s.pos()], escaped)?))
+        }
+        b'{' => {
+            s.eat(b'{');
+            s.ws();
+            let mut entries: Vec<(Cow<'a, str>, Json<'a>)> = Vec::with_capacity(4);
+            if !s.eat(b'}') {
+                loop {
+                    let at = s.pos();
+                    s.eat(b'"').then_some(())?;
+                    let escaped = s.string()?;
+                    let key = token_str(&src[at..s.pos()], escaped)?;
+                    s.ws();
+                    s.eat(b':').then_some(())?;
+                    s.ws();
+                    let value = scan_json_value(s, src, depth + 1)?;
+                    match entries.iter_mut().find(|(k, _)| *k == key) {
+                        Some(slot) => slot.1 = value,
+                        None => entries.push((key, value)),
+                    }
+                    s.ws();
+                    if s.eat(b'}') {
+                        break;
+                    }
+                    s.eat(b',').then_some(())?;
+                    s.ws();
+                }
+            }
+            Some(Json::Object(entries))
+        }
+        b'[' => {
+            s.eat(b'[');
+            s.ws();
+            let mut items = Vec::new();
+            if !s.eat(b']') {
+                loop {
+                    items.push(scan_json_value(s, src, depth + 1)?);
+                    s.ws();
+                    if s.eat(b']') {
+                        break;
+                    }
+                    s.eat(b',').then_some(())?;
+                    s.ws();
+                }
+            }
+            Some(Json::Array(items))
+        }
+        _ => {
+            s.value()?;
+            match &src[start..s.pos()] {
+                "true" => Some(Json::Bool(true)),
+                "false" => Some(Json::Bool(false)),
+                "null" => Some(Json::Null),
+                number => number.parse().ok().map(Json::Number),
+            }
+        }
+    }
+}
+
+/// The client's `tools` (`src`, their JSON) read in one pass with the body's scanner, when
+/// every entry is a function tool: what serde reads as `ToolIn<Json>`. `None` (serde decides)
+/// for anything else: Gemini's own tools, malformed JSON, repeated fields, wrong types.
+fn scan_function_tools(src: &str) -> Option<Vec<ToolIn<'_, Json<'_>>>> {
+    let mut s = Scanner::new(src.as_bytes());
+    s.ws();
+    s.eat(b'[').then_some(())?;
+    s.ws();
+    let mut out = Vec::with_capacity(2);
+    if !s.eat(b']') {
+        loop {
+            let function = scan_object(&mut s, src, |s, key| match key {
+                "function" => Some(1),
+                "googleSearch" | "googleSearchRetrieval" | "codeExecution" | "urlContext" => None,
+                _ => {
+                    read_value(s, src)?;
+                    Some(0)
+                }
+            })?;
+            out.push(ToolIn {
+                function: Some(function?),
+                google_search: None,
+                google_search_retrieval: None,
+                code_execution: None,
+                url_context: None,
+            });
+            s.ws();
+            if s.eat(b']') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    s.ws();
+    (s.pos() == src.len()).then_some(out)
+}
+
+/// A tool object at the scanner: `field(scanner, key)` reads or skips each value and gives
+/// its bit; the `function` field (bit 1) is read here. Repeated fields are serde's error.
+fn scan_object<'a>(
+    s: &mut Scanner,
+    src: &'a str,
+    mut field: impl FnMut(&mut Scanner, &str) -> Option<u8>,
+) -> Option<Option<FunctionIn<'a, Json<'a>>>> {
+    s.eat(b'{').then_some(())?;
+    s.ws();
+    let mut seen = 0u8;
+    let mut function = None;
+    if !s.eat(b'}') {
+        loop {
+            let (key, escaped) = read_value(s, src)?;
+            if escaped || !key.starts_with('"') {
+                return None;
+            }
+            s.ws();
+            s.eat(b':').then_some(())?;
+            s.ws();
+            let bit = field(s, &key[1..key.len() - 1])?;
+            if bit == 1 {
+                function = Some(scan_function_in(s, src)?);
+            }
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            s.ws();
+            if s.eat(b'}') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    Some(function)
+}
+
+/// A tool's `function` object at the scanner, its parameters parsed.
+fn scan_function_in<'a>(s: &mut Scanner, src: &'a str) -> Option<FunctionIn<'a, Json<'a>>> {
+    s.eat(b'{').then_some(())?;
+    s.ws();
+    let mut f = FunctionIn {
+        name: None,
+        description: None,
+        parameters: None,
+    };
+    let mut seen = 0u8;
+    if !s.eat(b'}') {
+        loop {
+            let (key, escaped) = read_value(s, src)?;
+            if escaped || !key.starts_with('"') {
+                return None;
+            }
+            s.ws();
+            s.eat(b':').then_some(())?;
+            s.ws();
+            let bit = match &key[1..key.len() - 1] {
+                "name" => {
+                    let (value, escaped) = read_value(s, src)?;
+                    f.name = opt_str(value, escaped)?;
+                    1
+                }
+                "description" => {
+                    let (value, _) = read_value(s, src)?;
+                    f.description = match value {
+                        "null" => None,
+                        raw => Some(serde_json::from_str(raw).ok()?),
+                    };
+                    2
+                }
+                "parameters" => {
+                    f.parameters = match scan_json_value(s, src, 0)? {
+                        Json::Null => None,
+                        schema => Some(schema),
+                    };
+                    4
+                }
+                _ => {
+                    read_value(s, src)?;
+                    0
+                }
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            s.ws();
+            if s.eat(b'}') {
+                break;
+            }
+            s.eat(b',').then_some(())?;
+            s.ws();
+        }
+    }
+    Some(f)
 }
 
 impl Json<'_> {
@@ -1175,6 +1371,12 @@ fn parse_tools<'a>(
     functions: Option<&'a str>,
 ) -> Result<Functions<'a>, ApiError> {
     let body = tools;
+    // The common case (function tools, no legacy `functions`): the body's scanner.
+    if matches!(functions, None | Some("null")) {
+        if let Some(tools) = tools.filter(|t| *t != "null").and_then(scan_function_tools) {
+            return split_tools(body, tools, vec![]);
+        }
+    }
     // One pass, parameters included.
     if let (Ok(tools), Ok(functions)) = (
         list_field(tools, "tools"),

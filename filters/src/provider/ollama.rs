@@ -10,7 +10,8 @@ use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, bearer_request, now, raw_value, usage_json, ChunkWriter, InContent, InImageUrl, InMessage,
+    bearer_request, now, raw_value, read_messages, text, usage_json, ChunkWriter, InContent,
+    InImageUrl, InMessage, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -117,26 +118,43 @@ pub(super) fn build_request(
         "/api/generate"
     } else {
         let raw_messages = body.raw("messages").unwrap_or("[]");
-        let messages: Vec<InMessage> = serde_json::from_str(raw_messages).map_err(|e| {
-            bad(format!("Invalid request body: `messages`: {e}")).with_param("messages")
-        })?;
+        let messages = read_messages(raw_messages)?;
         let mut converted = Vec::with_capacity(messages.len());
         for m in &messages {
-            converted.push(ollama_message(m)?);
+            converted.push(ollama_message(raw_messages, m)?);
         }
-        let mut messages_json = Vec::with_capacity(raw_messages.len() + 64);
-        serde_json::to_writer(&mut messages_json, &converted).expect("json serializes");
-        let messages_json = String::from_utf8(messages_json).expect("serde_json writes UTF-8");
-        // The rest is small; the messages and tools go in as JSON text.
-        let mut chat = RequestBody::parse(b"{}").expect("an empty object parses");
+        let tools = body.raw("tools").filter(|t| *t != "null");
+        // One pass into one buffer: the small fields (`out`, never empty: it has the model),
+        // then the messages, written directly, and the client's tools as they came.
+        let mut bytes = Vec::with_capacity(raw_messages.len() + tools.map_or(0, str::len) + 256);
+        bytes.push(b'{');
         for (k, v) in &out {
-            chat.set_json(k, v.to_string());
+            write_json(&mut bytes, k);
+            bytes.push(b':');
+            write_json(&mut bytes, v);
+            bytes.push(b',');
         }
-        chat.set_json("messages", messages_json);
-        if let Some(tools) = body.raw("tools").filter(|t| *t != "null") {
-            chat.set_json("tools", tools.to_string());
+        bytes.extend_from_slice(b"\"messages\":");
+        let at = bytes.len();
+        bytes.push(b'[');
+        for (i, m) in converted.iter().enumerate() {
+            if i > 0 {
+                bytes.push(b',');
+            }
+            m.write(&mut bytes);
         }
-        return Ok(bearer_request(d, "/api/chat", chat.to_bytes()));
+        bytes.push(b']');
+        debug_assert_eq!(
+            String::from_utf8_lossy(&bytes[at..]),
+            serde_json::to_string(&converted).expect("json serializes"),
+            "the hand-written messages are serde_json's"
+        );
+        if let Some(tools) = tools {
+            bytes.extend_from_slice(b",\"tools\":");
+            bytes.extend_from_slice(tools.as_bytes());
+        }
+        bytes.push(b'}');
+        return Ok(bearer_request(d, "/api/chat", bytes));
     };
     Ok(finish(d, path, out))
 }
@@ -145,11 +163,35 @@ pub(super) fn build_request(
 #[derive(Serialize)]
 struct OllamaMessage<'a> {
     role: &'a str,
-    content: Cow<'a, str>,
+    content: Text<'a>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     images: Vec<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tool_calls: Vec<OllamaToolCall<'a>>,
+}
+
+/// Appends `value` as JSON.
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(out, value).expect("json serializes");
+}
+
+impl OllamaMessage<'_> {
+    /// Appends the message as serde_json writes it (the content token copied where it can be).
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"role\":");
+        write_json(out, self.role);
+        out.extend_from_slice(b",\"content\":");
+        self.content.write(out);
+        if !self.images.is_empty() {
+            out.extend_from_slice(b",\"images\":");
+            write_json(out, &self.images);
+        }
+        if !self.tool_calls.is_empty() {
+            out.extend_from_slice(b",\"tool_calls\":");
+            write_json(out, &self.tool_calls);
+        }
+        out.push(b'}');
+    }
 }
 
 #[derive(Serialize)]
@@ -163,10 +205,12 @@ struct OllamaFunction<'a> {
     arguments: Box<RawValue>,
 }
 
-fn ollama_message<'a>(m: &'a InMessage<'a>) -> Result<OllamaMessage<'a>, ApiError> {
+/// `m` was read from `src`, the client's `messages` JSON (whose string tokens are copied through
+/// where serde_json would write them the same, see [`text`]).
+fn ollama_message<'a>(src: &'a str, m: &'a InMessage<'a>) -> Result<OllamaMessage<'a>, ApiError> {
     let (content, images) = match &m.content {
-        None => (Cow::Borrowed(""), vec![]),
-        Some(InContent::Text(t)) => (Cow::Borrowed(t.as_ref()), vec![]),
+        None => (Text::Str(Cow::Borrowed("")), vec![]),
+        Some(InContent::Text(t)) => (text(src, t), vec![]),
         Some(InContent::Parts(parts)) => {
             let mut text = String::new();
             let mut images = vec![];
@@ -185,7 +229,7 @@ fn ollama_message<'a>(m: &'a InMessage<'a>) -> Result<OllamaMessage<'a>, ApiErro
                     _ => {}
                 }
             }
-            (Cow::Owned(text), images)
+            (Text::Str(Cow::Owned(text)), images)
         }
     };
     let mut tool_calls = vec![];
