@@ -537,7 +537,7 @@ pub type QuantDot = fn(&[u8], &ActRow<'_>) -> f32;
 /// bit-identical to [`QuantDot`] on each row.
 pub type QuantDotMulti = fn(&[u8], &[ActRow<'_>], &mut [f32]);
 /// Activation rows a [`QuantDotMulti`] kernel takes at once.
-pub const MULTI_ROWS: usize = 4;
+pub const MULTI_ROWS: usize = 8;
 /// A float (F32/F16/BF16) weight row · f32 activation row.
 pub type FloatDot = fn(&[u8], &[f32]) -> f32;
 
@@ -865,6 +865,11 @@ mod avx2 {
                 2 => q4_1_rows::<2>(w, xs, out),
                 3 => q4_1_rows::<3>(w, xs, out),
                 4 => q4_1_rows::<4>(w, xs, out),
+                n if n <= MULTI_ROWS => {
+                    // Sixteen ymm registers hold four rows' accumulators; more rows go in fours.
+                    q4_1_rows::<4>(w, &xs[..4], &mut out[..4]);
+                    q4_1_multi(w, &xs[4..], &mut out[4..]);
+                }
                 n => panic!("q4_1_multi takes 1..={MULTI_ROWS} rows, got {n}"),
             }
         }
@@ -881,6 +886,10 @@ mod avx2 {
                 2 => q8_0_rows::<2>(w, xs, out),
                 3 => q8_0_rows::<3>(w, xs, out),
                 4 => q8_0_rows::<4>(w, xs, out),
+                n if n <= MULTI_ROWS => {
+                    q8_0_rows::<4>(w, &xs[..4], &mut out[..4]);
+                    q8_0_multi(w, &xs[4..], &mut out[4..]);
+                }
                 n => panic!("q8_0_multi takes 1..={MULTI_ROWS} rows, got {n}"),
             }
         }
@@ -1248,6 +1257,10 @@ mod avx512 {
                 2 => q4_1_rows::<2>(w, xs, out),
                 3 => q4_1_rows::<3>(w, xs, out),
                 4 => q4_1_rows::<4>(w, xs, out),
+                5 => q4_1_rows::<5>(w, xs, out),
+                6 => q4_1_rows::<6>(w, xs, out),
+                7 => q4_1_rows::<7>(w, xs, out),
+                8 => q4_1_rows::<8>(w, xs, out),
                 n => panic!("q4_1_multi takes 1..={MULTI_ROWS} rows, got {n}"),
             }
         }

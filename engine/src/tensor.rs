@@ -271,7 +271,7 @@ mod tests {
     #[test]
     fn each_output_is_bit_identical_alone_batched_and_on_any_thread_count() {
         let mut rng = StdRng::seed_from_u64(1);
-        let (rows, cols, n) = (96, 512, 7);
+        let (rows, cols, n) = (96, 512, 13);
         let x = random(&mut rng, n * cols);
         for ty in ALL_TYPES {
             let w = weight(ty, rows, cols, &random(&mut rng, rows * cols));
