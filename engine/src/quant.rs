@@ -672,6 +672,16 @@ pub fn vec_dot_f32(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
     float_dot(ty).expect("vec_dot_f32 needs a float weight type")(w, x)
 }
 
+/// [`check_lens`] for every row of a multi-row Q4_1 product, plus the Q8_1 sums it reads.
+#[cfg(target_arch = "x86_64")]
+fn check_q4_1_rows(w: &[u8], xs: &[ActRow<'_>], out: &[f32]) {
+    for x in xs {
+        check_lens(w, x, 20, QK);
+        assert_eq!(x.sums.len(), x.scales.len(), "Q4_1 needs Q8_1 activations");
+    }
+    assert_eq!(out.len(), xs.len(), "one output per activation row");
+}
+
 /// Length checks shared by both kernel sets; the SIMD kernels rely on them for their unchecked
 /// loads.
 #[inline(always)]
@@ -853,11 +863,7 @@ mod avx2 {
         out[0]
     }
     pub(super) fn q4_1_multi(w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
-        for x in xs {
-            check_lens(w, x, 20, QK);
-            assert_eq!(x.sums.len(), x.scales.len(), "Q4_1 needs Q8_1 activations");
-        }
-        assert_eq!(out.len(), xs.len(), "one output per activation row");
+        check_q4_1_rows(w, xs, out);
         // SAFETY: as for q4_0 (every row's lengths checked).
         unsafe {
             match xs.len() {
@@ -1065,7 +1071,7 @@ mod avx2 {
         let dw = _mm256_cvtph_ps(_mm_set1_epi16((b as *const i16).read_unaligned()));
         let bx = _mm256_loadu_si256(b.add(2) as *const __m256i);
         let abs_x = _mm256_sign_epi8(bx, bx);
-        for r in 0..R {
+        for (r, acc) in acc.iter_mut().enumerate() {
             let x = xs.get_unchecked(r);
             let d = _mm256_mul_ps(dw, _mm256_set1_ps(*x.scales.get_unchecked(i)));
             let by = _mm256_loadu_si256(x.qs.as_ptr().add(QK * i) as *const __m256i);
@@ -1073,7 +1079,7 @@ mod avx2 {
                 _mm256_maddubs_epi16(abs_x, _mm256_sign_epi8(by, bx)),
                 _mm256_set1_epi16(1),
             );
-            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r]);
+            *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
         }
     }
 
@@ -1244,11 +1250,7 @@ mod avx512 {
     }
 
     pub(super) fn q4_1_multi(w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
-        for x in xs {
-            check_lens(w, x, 20, QK);
-            assert_eq!(x.sums.len(), x.scales.len(), "Q4_1 needs Q8_1 activations");
-        }
-        assert_eq!(out.len(), xs.len(), "one output per activation row");
+        check_q4_1_rows(w, xs, out);
         // SAFETY: handed out only after runtime detection of AVX-512 F/BW/VL/VNNI (and AVX2,
         // FMA, F16C); every row's lengths checked above.
         unsafe {
@@ -1310,7 +1312,7 @@ mod avx512 {
                 } else {
                     0.0
                 };
-                let by = _mm512_maskz_loadu_epi8(mask, x.qs.as_ptr().add(QK * i) as *const i8);
+                let by = _mm512_maskz_loadu_epi8(mask, x.qs.as_ptr().add(QK * i));
                 let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), both, by);
                 let scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
                 acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc[r]);
