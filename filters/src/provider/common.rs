@@ -194,6 +194,15 @@ pub(super) fn read_messages(src: &str) -> Result<Vec<InMessage<'_>>, ApiError> {
 /// for anything else: malformed JSON, keys with escapes, repeated fields, wrong types, a
 /// missing role.
 fn scan_messages(src: &str) -> Option<Vec<InMessage<'_>>> {
+    scan_array(src, scan_message)
+}
+
+/// `src` as one JSON array whose items `item` reads at the scanner, nothing after it; `None`
+/// when the array or any item does not scan.
+pub(super) fn scan_array<'a, T>(
+    src: &'a str,
+    item: impl Fn(&mut Scanner, &'a str) -> Option<T>,
+) -> Option<Vec<T>> {
     let mut s = Scanner::new(src.as_bytes());
     s.ws();
     s.eat(b'[').then_some(())?;
@@ -201,7 +210,7 @@ fn scan_messages(src: &str) -> Option<Vec<InMessage<'_>>> {
     let mut out = Vec::with_capacity(8);
     if !s.eat(b']') {
         loop {
-            out.push(scan_message(&mut s, src)?);
+            out.push(item(&mut s, src)?);
             s.ws();
             if s.eat(b']') {
                 break;
@@ -215,7 +224,7 @@ fn scan_messages(src: &str) -> Option<Vec<InMessage<'_>>> {
 }
 
 /// One value at the scanner: its JSON text and whether it is a string with escapes.
-fn scan_value<'a>(s: &mut Scanner, src: &'a str) -> Option<(&'a str, bool)> {
+pub(super) fn scan_value<'a>(s: &mut Scanner, src: &'a str) -> Option<(&'a str, bool)> {
     let start = s.pos();
     let escaped = if s.eat(b'"') {
         s.string()?
@@ -369,7 +378,7 @@ fn unescape(token: &str) -> Option<String> {
 }
 
 /// A string or `null` (`Option<Cow<str>>`).
-fn opt_str(token: &str, escaped: bool) -> Option<Option<Cow<'_, str>>> {
+pub(super) fn opt_str(token: &str, escaped: bool) -> Option<Option<Cow<'_, str>>> {
     match token {
         "null" => Some(None),
         _ => token_str(token, escaped).map(Some),

@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, canonical_escapes, now, parse_field, scan_tool_calls, text, token_str, token_text,
-    ChunkWriter, InContent, InToolCall, Text,
+    bad, canonical_escapes, now, opt_str, parse_field, scan_array, scan_tool_calls, scan_value,
+    text, token_str, token_text, ChunkWriter, InContent, InToolCall, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::{RequestBody, Scanner};
@@ -461,44 +461,7 @@ fn empty_args() -> &'static RawValue {
 /// decides, and gives any error) for anything else: malformed JSON, keys with escapes,
 /// repeated fields, wrong types, a missing role.
 fn read_messages(src: &str) -> Option<Vec<Message<'_>>> {
-    let mut s = Scanner::new(src.as_bytes());
-    s.ws();
-    s.eat(b'[').then_some(())?;
-    s.ws();
-    let mut out = Vec::with_capacity(8);
-    if !s.eat(b']') {
-        loop {
-            out.push(read_message(&mut s, src)?);
-            s.ws();
-            if s.eat(b']') {
-                break;
-            }
-            s.eat(b',').then_some(())?;
-            s.ws();
-        }
-    }
-    s.ws();
-    (s.pos() == src.len()).then_some(out)
-}
-
-/// One value at the scanner: its JSON text and whether it is a string with escapes.
-fn read_value<'a>(s: &mut Scanner, src: &'a str) -> Option<(&'a str, bool)> {
-    let start = s.pos();
-    let escaped = if s.eat(b'"') {
-        s.string()?
-    } else {
-        s.value()?;
-        false
-    };
-    Some((&src[start..s.pos()], escaped))
-}
-
-/// A string or `null` (`Option<Cow<str>>`).
-fn opt_str(token: &str, escaped: bool) -> Option<Option<Cow<'_, str>>> {
-    match token {
-        "null" => Some(None),
-        _ => token_str(token, escaped).map(Some),
-    }
+    scan_array(src, read_message)
 }
 
 fn read_message<'a>(s: &mut Scanner, src: &'a str) -> Option<Message<'a>> {
@@ -516,14 +479,14 @@ fn read_message<'a>(s: &mut Scanner, src: &'a str) -> Option<Message<'a>> {
     let mut seen = 0u8;
     if !s.eat(b'}') {
         loop {
-            let (key, escaped) = read_value(s, src)?;
+            let (key, escaped) = scan_value(s, src)?;
             if escaped || !key.starts_with('"') {
                 return None;
             }
             s.ws();
             s.eat(b':').then_some(())?;
             s.ws();
-            let (value, escaped) = read_value(s, src)?;
+            let (value, escaped) = scan_value(s, src)?;
             let bit = match &key[1..key.len() - 1] {
                 "role" => {
                     m.role = token_str(value, escaped)?;
@@ -874,7 +837,7 @@ fn scan_function_tools(src: &str) -> Option<Vec<ToolIn<'_, Json<'_>>>> {
                 "function" => Some(1),
                 "googleSearch" | "googleSearchRetrieval" | "codeExecution" | "urlContext" => None,
                 _ => {
-                    read_value(s, src)?;
+                    scan_value(s, src)?;
                     Some(0)
                 }
             })?;
@@ -910,7 +873,7 @@ fn scan_object<'a>(
     let mut function = None;
     if !s.eat(b'}') {
         loop {
-            let (key, escaped) = read_value(s, src)?;
+            let (key, escaped) = scan_value(s, src)?;
             if escaped || !key.starts_with('"') {
                 return None;
             }
@@ -948,7 +911,7 @@ fn scan_function_in<'a>(s: &mut Scanner, src: &'a str) -> Option<FunctionIn<'a, 
     let mut seen = 0u8;
     if !s.eat(b'}') {
         loop {
-            let (key, escaped) = read_value(s, src)?;
+            let (key, escaped) = scan_value(s, src)?;
             if escaped || !key.starts_with('"') {
                 return None;
             }
@@ -957,12 +920,12 @@ fn scan_function_in<'a>(s: &mut Scanner, src: &'a str) -> Option<FunctionIn<'a, 
             s.ws();
             let bit = match &key[1..key.len() - 1] {
                 "name" => {
-                    let (value, escaped) = read_value(s, src)?;
+                    let (value, escaped) = scan_value(s, src)?;
                     f.name = opt_str(value, escaped)?;
                     1
                 }
                 "description" => {
-                    let (value, _) = read_value(s, src)?;
+                    let (value, _) = scan_value(s, src)?;
                     f.description = match value {
                         "null" => None,
                         raw => Some(serde_json::from_str(raw).ok()?),
@@ -977,7 +940,7 @@ fn scan_function_in<'a>(s: &mut Scanner, src: &'a str) -> Option<FunctionIn<'a, 
                     4
                 }
                 _ => {
-                    read_value(s, src)?;
+                    scan_value(s, src)?;
                     0
                 }
             };
