@@ -29,6 +29,7 @@ pub mod kv;
 pub mod load;
 pub mod metrics;
 pub mod model;
+pub mod panel;
 pub mod plan;
 pub mod quant;
 pub mod safetensors_dir;

@@ -440,6 +440,8 @@ pub struct QuantizedActs {
     sums: Vec<f32>,
     /// Q8_K: the sum of each 16 codes.
     bsums: Vec<i16>,
+    /// The sum of each block's codes.
+    block_sums: Vec<i32>,
 }
 
 /// One quantised activation row, as the dot products read it.
@@ -480,21 +482,11 @@ impl QuantizedActs {
             } else {
                 Vec::new()
             },
+            block_sums: vec![0; blocks],
         };
-        for (b, (xb, qb)) in x
-            .chunks_exact(bl)
-            .zip(acts.qs.chunks_exact_mut(bl))
-            .enumerate()
-        {
-            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = inverse(d);
-            let mut sum = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                *q = round_small(v * id) as i8;
-                sum += *q as i32;
-            }
-            acts.scales[b] = d;
+        quantize_blocks(x, bl, &mut acts.qs, &mut acts.scales, &mut acts.block_sums);
+        for (b, qb) in acts.qs.chunks_exact(bl).enumerate() {
+            let (d, sum) = (acts.scales[b], acts.block_sums[b]);
             match format {
                 ActFormat::Q8_0 => {}
                 ActFormat::Q8_1 => acts.sums[b] = d * sum as f32,
@@ -509,6 +501,11 @@ impl QuantizedActs {
             }
         }
         acts
+    }
+
+    /// Each block's code sum, all rows' blocks in order.
+    pub(crate) fn code_sums(&self) -> &[i32] {
+        &self.block_sums
     }
 
     /// Row `i`.
@@ -528,6 +525,52 @@ impl QuantizedActs {
                 &self.bsums[16 * i * bpr..16 * (i + 1) * bpr]
             },
         }
+    }
+}
+
+/// Quantise each `bl`-value block of `x` to int8 codes with scale `amax/127`, recording each
+/// block's scale and code sum. Every operation is exact or correctly rounded IEEE arithmetic, so
+/// the AVX-512/AVX2 builds of the same loop (picked at runtime; the baseline build only has
+/// SSE2) give the same codes.
+fn quantize_blocks(x: &[f32], bl: usize, qs: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    #[inline(always)]
+    fn blocks(x: &[f32], bl: usize, qs: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+        for (((xb, qb), d_out), sum_out) in x
+            .chunks_exact(bl)
+            .zip(qs.chunks_exact_mut(bl))
+            .zip(scales.iter_mut())
+            .zip(sums.iter_mut())
+        {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = inverse(d);
+            let mut sum = 0i32;
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                *q = round_small(v * id) as i32 as i8;
+                sum += *q as i32;
+            }
+            *d_out = d;
+            *sum_out = sum;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn blocks_avx512(x: &[f32], bl: usize, q: &mut [i8], d: &mut [f32], s: &mut [i32]) {
+        blocks(x, bl, q, d, s)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn blocks_avx2(x: &[f32], bl: usize, q: &mut [i8], d: &mut [f32], s: &mut [i32]) {
+        blocks(x, bl, q, d, s)
+    }
+    match detected_isa() {
+        // SAFETY: the ISA was detected at runtime.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { blocks_avx512(x, bl, qs, scales, sums) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { blocks_avx2(x, bl, qs, scales, sums) },
+        Isa::Scalar => blocks(x, bl, qs, scales, sums),
     }
 }
 
@@ -571,6 +614,15 @@ fn detected_isa() -> Isa {
         }
         Isa::Scalar
     })
+}
+
+/// Whether the AVX-512 VNNI kernels (and [`crate::panel`]'s weight panels) are in use.
+pub(crate) fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if detected_isa() == Isa::Avx512 {
+        return true;
+    }
+    false
 }
 
 /// Whether the SIMD kernels are in use on this machine (benchmarks and tests report it).

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::panel::Panels;
 use crate::quant::{
     float_dot, quant_dot, quant_dot_multi, ActRow, GgmlType, QuantizedActs, MULTI_ROWS,
 };
@@ -122,6 +123,57 @@ pub fn matmul(w: &QTensor, x: &[f32], n: usize, out: &mut [f32]) {
     }
 }
 
+/// A weight matrix prepared for [`matmul`]: Q4_1 and Q8_0 weights are also repacked into
+/// [`Panels`] where the CPU has AVX-512 VNNI (the fast path for batched tokens), otherwise the
+/// row kernels read the blocks as loaded.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: QTensor,
+    panels: Option<Panels>,
+}
+
+impl Linear {
+    pub fn new(weight: QTensor) -> Self {
+        let panels = Panels::pack(&weight);
+        Linear { weight, panels }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.weight.rows()
+    }
+
+    pub fn dtype(&self) -> GgmlType {
+        self.weight.dtype
+    }
+
+    /// Whether the panel kernels multiply this weight.
+    pub fn uses_panels(&self) -> bool {
+        self.panels.is_some()
+    }
+
+    /// [`matmul`] by this weight, through its panels when it has them.
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        match &self.panels {
+            Some(panels) => {
+                let cols = self.weight.cols();
+                assert_eq!(
+                    x.len(),
+                    n * cols,
+                    "{}: x is not n × {cols}",
+                    self.weight.name
+                );
+                let format = self
+                    .weight
+                    .dtype
+                    .act_format()
+                    .expect("panels are quantised");
+                panels.matmul(&QuantizedActs::quantize(format, x, n, cols), out);
+            }
+            None => matmul(&self.weight, x, n, out),
+        }
+    }
+}
+
 /// [`matmul`] with activations already quantised (`acts.format == w.dtype.act_format()`), so
 /// several weights that read the same input (q, k, v; gate, up) quantise it once.
 pub fn matmul_quantized(w: &QTensor, acts: &QuantizedActs, out: &mut [f32]) {
@@ -155,7 +207,7 @@ pub fn matmul_quantized(w: &QTensor, acts: &QuantizedActs, out: &mut [f32]) {
 
 /// Below this many multiply-adds a product runs on the calling thread: waking the pool costs
 /// more than it saves.
-const PARALLEL_MIN_MACS: usize = 64 * 1024;
+pub(crate) const PARALLEL_MIN_MACS: usize = 64 * 1024;
 /// x rows multiplied per pass over a weight chunk: their quantised rows stay in L1 while each
 /// weight row is read once per pass.
 const X_TILE: usize = 8;
@@ -205,7 +257,7 @@ fn for_each_tile(
             }
         }
     };
-    let out = OutPtr(out.as_mut_ptr());
+    let out = OutPtr::new(out);
     let threads = rayon::current_num_threads();
     if threads <= 1 || rows * n * cols < PARALLEL_MIN_MACS || rows < 2 {
         run_chunk(0, rows, out);
@@ -221,13 +273,16 @@ fn for_each_tile(
 
 /// The output buffer shared by the row-chunk workers (each writes only its own rows).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(*mut f32);
 // SAFETY: workers write disjoint elements (see `for_each_cell`) and the buffer outlives them.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        OutPtr(out.as_mut_ptr())
+    }
     /// A method rather than field access, so closures capture the whole (Sync) wrapper.
-    fn at(self, index: usize) -> *mut f32 {
+    pub(crate) fn at(self, index: usize) -> *mut f32 {
         self.0.wrapping_add(index)
     }
 }

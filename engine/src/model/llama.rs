@@ -1,14 +1,15 @@
 //! Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2) on the CPU, reading and
 //! writing a paged KV cache laid out by the scheduler's block tables.
 
+use half::{f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use crate::config::{Architecture, ModelConfig, RopeStyle};
 use crate::error::{EngineError, Result};
-use crate::model::ops;
+use crate::model::{attention, ops};
 use crate::plan::StepPlan;
 use crate::quant::GgmlType;
-use crate::tensor::{matmul, QTensor, Storage};
+use crate::tensor::{Linear, QTensor, Storage};
 use crate::weights::WeightSource;
 
 /// Tensor names: GGUF's and Hugging Face's spellings of the same weights.
@@ -66,7 +67,7 @@ impl Naming {
 /// type are stacked row-wise so one matmul computes them; Q4_K_M files mix types (v in Q6_K), so
 /// there may be several groups.
 struct Stacked {
-    groups: Vec<QTensor>,
+    groups: Vec<Linear>,
     rows: usize,
 }
 
@@ -84,9 +85,9 @@ impl Stacked {
             .into_iter()
             .map(|g| {
                 if g.len() == 1 {
-                    Ok(g.into_iter().next().expect("one"))
+                    Ok(Linear::new(g.into_iter().next().expect("one")))
                 } else {
-                    stack_rows(name, &g)
+                    stack_rows(name, &g).map(Linear::new)
                 }
             })
             .collect::<Result<_>>()?;
@@ -94,19 +95,19 @@ impl Stacked {
     }
 
     fn dtype(&self) -> GgmlType {
-        self.groups[0].dtype
+        self.groups[0].dtype()
     }
 
     /// `out` is `[n][rows]`, each row the concatenation of the parts' outputs.
     fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         if let [only] = self.groups.as_slice() {
-            return matmul(only, x, n, out);
+            return only.matmul(x, n, out);
         }
         let mut offset = 0;
         for group in &self.groups {
             let g_rows = group.rows();
             let mut part = vec![0.0f32; n * g_rows];
-            matmul(group, x, n, &mut part);
+            group.matmul(x, n, &mut part);
             for (dst, src) in out
                 .chunks_exact_mut(self.rows)
                 .zip(part.chunks_exact(g_rows))
@@ -123,11 +124,11 @@ struct Layer {
     /// q, k and v projections.
     qkv: Stacked,
     qkv_bias: Option<Vec<f32>>,
-    o: QTensor,
+    o: Linear,
     ffn_norm: Vec<f32>,
     /// gate and up projections.
     gate_up: Stacked,
-    down: QTensor,
+    down: Linear,
 }
 
 pub struct LlamaModel {
@@ -135,38 +136,42 @@ pub struct LlamaModel {
     embed: QTensor,
     layers: Vec<Layer>,
     final_norm: Vec<f32>,
-    lm_head: QTensor,
+    lm_head: Linear,
     inv_freq: Vec<f32>,
 }
 
-/// The CPU KV cache: per layer, keys and values as `[num_blocks][block_size][kv_heads][head_dim]`.
+/// The CPU KV cache: per layer, keys and values as `[kv_heads][num_blocks·block_size][head_dim]`:
+/// each KV head's rows for a block's consecutive positions are contiguous, which is how
+/// attention reads them. Stored as f16 (llama.cpp's default too): attention over many
+/// sequences is bound by reading the cache, and this halves it.
 pub struct KvCache {
     pub block_size: usize,
     pub num_blocks: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    slot_len: usize,
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
+    /// Floats per KV head per layer (`num_blocks · block_size · head_dim`).
+    head_plane: usize,
 }
 
 impl KvCache {
     /// Bytes one token takes across all layers.
     pub fn bytes_per_token(config: &ModelConfig) -> usize {
-        2 * config.num_layers * config.num_kv_heads * config.head_dim * std::mem::size_of::<f32>()
+        2 * config.num_layers * config.num_kv_heads * config.head_dim * std::mem::size_of::<f16>()
     }
 
     pub fn new(config: &ModelConfig, block_size: usize, num_blocks: usize) -> Self {
-        let slot_len = config.num_kv_heads * config.head_dim;
-        let layer_len = num_blocks * block_size * slot_len;
+        let head_plane = num_blocks * block_size * config.head_dim;
+        let layer_len = config.num_kv_heads * head_plane;
         KvCache {
             block_size,
             num_blocks,
             keys: (0..config.num_layers)
-                .map(|_| vec![0.0; layer_len])
+                .map(|_| vec![f16::ZERO; layer_len])
                 .collect(),
             values: (0..config.num_layers)
-                .map(|_| vec![0.0; layer_len])
+                .map(|_| vec![f16::ZERO; layer_len])
                 .collect(),
-            slot_len,
+            head_plane,
         }
     }
 }
@@ -251,10 +256,10 @@ impl LlamaModel {
                 attn_norm: vector(source, &naming.layer(i, "input_layernorm.weight"))?,
                 qkv: Stacked::new(&format!("layer {i} qkv"), vec![q, k, v])?,
                 qkv_bias,
-                o,
+                o: Linear::new(o),
                 ffn_norm: vector(source, &naming.layer(i, "post_attention_layernorm.weight"))?,
                 gate_up: Stacked::new(&format!("layer {i} gate_up"), vec![gate, up])?,
-                down,
+                down: Linear::new(down),
             });
         }
         let lm_head = if source.contains(naming.lm_head()) && !config.tie_word_embeddings {
@@ -268,7 +273,7 @@ impl LlamaModel {
             final_norm: vector(source, naming.final_norm())?,
             embed,
             layers,
-            lm_head,
+            lm_head: Linear::new(lm_head),
             config,
         })
     }
@@ -281,12 +286,20 @@ impl LlamaModel {
             .unwrap_or(self.embed.dtype)
     }
 
-    fn rope(&self, x: &mut [f32], pos: usize) {
+    /// `(sin, cos)` of each rotary frequency at `pos`: computed once per token and step, not
+    /// per layer and head.
+    fn rope_angles(&self, pos: usize) -> Vec<(f32, f32)> {
+        self.inv_freq
+            .iter()
+            .map(|freq| (pos as f32 * freq).sin_cos())
+            .collect()
+    }
+
+    fn rope(&self, x: &mut [f32], angles: &[(f32, f32)]) {
         let hd = self.config.head_dim;
         let half = hd / 2;
         for head in x.chunks_exact_mut(hd) {
-            for (i, freq) in self.inv_freq.iter().enumerate() {
-                let (sin, cos) = (pos as f32 * freq).sin_cos();
+            for (i, &(sin, cos)) in angles.iter().enumerate() {
                 let (a, b) = match self.config.rope_style {
                     RopeStyle::Interleaved => (2 * i, 2 * i + 1),
                     RopeStyle::Half => (i, i + half),
@@ -357,6 +370,17 @@ impl LlamaModel {
         let mut act = vec![0.0f32; n * ffn];
         let scale = 1.0 / (hd as f32).sqrt();
         let group = nh / nkv;
+        let angles: Vec<Vec<(f32, f32)>> = positions.iter().map(|&p| self.rope_angles(p)).collect();
+        // Cache slot of every position each chunk's tokens attend to, shared by all layers.
+        let chunk_slots: Vec<Vec<usize>> = plan
+            .chunks
+            .iter()
+            .map(|c| {
+                (0..c.start_pos + c.tokens.len())
+                    .map(|p| c.block_table[p / bs] as usize * bs + p % bs)
+                    .collect()
+            })
+            .collect();
 
         for (l, layer) in self.layers.iter().enumerate() {
             ops::rms_norm(&x, &layer.attn_norm, cfg.norm_eps, &mut normed);
@@ -367,36 +391,33 @@ impl LlamaModel {
             let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
             for t in 0..n {
                 let row = &mut qkv[t * qkv_len..(t + 1) * qkv_len];
-                self.rope(&mut row[..q_len + kv_len], positions[t]);
-                let slot = slots[t] * cache.slot_len;
-                keys[slot..slot + kv_len].copy_from_slice(&row[q_len..q_len + kv_len]);
-                values[slot..slot + kv_len].copy_from_slice(&row[q_len + kv_len..]);
+                self.rope(&mut row[..q_len + kv_len], &angles[t]);
+                for kvh in 0..nkv {
+                    let at = kvh * cache.head_plane + slots[t] * hd;
+                    let from = q_len + kvh * hd;
+                    keys[at..at + hd].convert_from_f32_slice(&row[from..from + hd]);
+                    values[at..at + hd]
+                        .convert_from_f32_slice(&row[from + kv_len..from + kv_len + hd]);
+                }
             }
             let (keys, values) = (&cache.keys[l], &cache.values[l]);
-            let slot_len = cache.slot_len;
-            attn.par_chunks_mut(q_len).enumerate().for_each(|(t, out)| {
-                let chunk = &plan.chunks[owner[t]];
-                let ctx = positions[t] + 1;
-                let q_all = &qkv[t * qkv_len..t * qkv_len + q_len];
-                let mut scores = vec![0.0f32; ctx];
-                out.fill(0.0);
-                for head in 0..nh {
-                    let kvh = head / group;
-                    let q = &q_all[head * hd..(head + 1) * hd];
-                    for (p, score) in scores.iter_mut().enumerate() {
-                        let slot = chunk.block_table[p / bs] as usize * bs + p % bs;
-                        let k = &keys[slot * slot_len + kvh * hd..][..hd];
-                        *score = ops::dot(q, k) * scale;
-                    }
-                    ops::softmax(&mut scores);
-                    let o = &mut out[head * hd..(head + 1) * hd];
-                    for (p, &w) in scores.iter().enumerate() {
-                        let slot = chunk.block_table[p / bs] as usize * bs + p % bs;
-                        ops::axpy(o, w, &values[slot * slot_len + kvh * hd..][..hd]);
-                    }
-                }
-            });
-            matmul(&layer.o, &attn, n, &mut proj);
+            let plane = cache.head_plane;
+            // One task per (token, KV head): a single decoding sequence uses every thread too.
+            attn.par_chunks_mut(group * hd)
+                .enumerate()
+                .for_each(|(tk, out)| {
+                    let (t, kvh) = (tk / nkv, tk % nkv);
+                    let head_group = attention::HeadGroup {
+                        queries: &qkv[t * qkv_len + kvh * group * hd..][..group * hd],
+                        slots: &chunk_slots[owner[t]][..positions[t] + 1],
+                        keys: &keys[kvh * plane..(kvh + 1) * plane],
+                        values: &values[kvh * plane..(kvh + 1) * plane],
+                        head_dim: hd,
+                        scale,
+                    };
+                    attention::attend(&head_group, out);
+                });
+            layer.o.matmul(&attn, n, &mut proj);
             ops::add_in_place(&mut x, &proj);
 
             ops::rms_norm(&x, &layer.ffn_norm, cfg.norm_eps, &mut normed);
@@ -406,7 +427,7 @@ impl LlamaModel {
                     *out = ops::silu(*g) * u;
                 }
             }
-            matmul(&layer.down, &act, n, &mut proj);
+            layer.down.matmul(&act, n, &mut proj);
             ops::add_in_place(&mut x, &proj);
         }
 
@@ -427,7 +448,7 @@ impl LlamaModel {
         ops::rms_norm(&last_rows, &self.final_norm, cfg.norm_eps, &mut normed_last);
         let vocab = cfg.vocab_size;
         let mut logits = vec![0.0f32; ns * vocab];
-        matmul(&self.lm_head, &normed_last, ns, &mut logits);
+        self.lm_head.matmul(&normed_last, ns, &mut logits);
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 }
@@ -631,8 +652,12 @@ mod tests {
                 rope(&mut q, pos);
                 rope(&mut k, pos);
                 qs.push(q);
-                ks.push(k);
-                vs.push(linear(&format!("{p}.self_attn.v_proj.weight"), h));
+                // The cache keeps keys and values in f16.
+                ks.push(through_f16(k));
+                vs.push(through_f16(linear(
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    h,
+                )));
             }
             for i in 0..xs.len() {
                 let mut attn = vec![0.0f32; HEADS * HEAD_DIM];
@@ -702,6 +727,12 @@ mod tests {
             }
         }
         best as u32
+    }
+
+    fn through_f16(v: Vec<f32>) -> Vec<f32> {
+        v.into_iter()
+            .map(|x| half::f16::from_f32(x).to_f32())
+            .collect()
     }
 
     fn assert_close(got: &[f32], want: &[f32]) {
