@@ -324,6 +324,55 @@ mod tests {
     }
 
     #[test]
+    fn linear_uses_panels_where_it_can_and_stays_batch_invariant() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (cols, n) = (256, 11);
+        let x = random(&mut rng, n * cols);
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K] {
+            for rows in [96, 24] {
+                let w = weight(ty, rows, cols, &random(&mut rng, rows * cols));
+                let linear = Linear::new(w.clone());
+                let packable = ty != GgmlType::Q4_K && rows % 16 == 0;
+                assert_eq!(
+                    linear.uses_panels(),
+                    packable && crate::quant::has_avx512_vnni(),
+                    "{ty:?} {rows} rows"
+                );
+                let run_linear = |x: &[f32], n: usize| {
+                    let mut out = vec![f32::NAN; n * rows];
+                    linear.matmul(x, n, &mut out);
+                    out
+                };
+                let batched = run_linear(&x, n);
+                let rows_kernels = run(&w, &x, n);
+                for (a, b) in batched.iter().zip(&rows_kernels) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{ty:?}: {a} vs {b}"
+                    );
+                }
+                for i in 0..n {
+                    let alone = run_linear(&x[i * cols..(i + 1) * cols], 1);
+                    assert_eq!(
+                        alone[..],
+                        batched[i * rows..(i + 1) * rows],
+                        "{ty:?} {rows} rows: token {i} alone and batched"
+                    );
+                }
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(3)
+                    .build()
+                    .unwrap();
+                assert_eq!(
+                    pool.install(|| run_linear(&x, n)),
+                    batched,
+                    "{ty:?} threads"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn each_output_is_bit_identical_alone_batched_and_on_any_thread_count() {
         let mut rng = StdRng::seed_from_u64(1);
         let (rows, cols, n) = (96, 512, 13);
