@@ -117,6 +117,10 @@ fn decode(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
 }
 
 /// What the GGUF converter does to q/k rows of Llama models (interleave the two rotary halves).
+fn through_f16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}
+
 fn permute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; w.len()];
     for h in 0..heads {
@@ -205,8 +209,9 @@ impl Reference {
                 Self::rope(&mut q, pos);
                 Self::rope(&mut k, pos);
                 qs.push(q);
-                ks.push(k);
-                vs.push(self.linear(&p("attn_v.weight"), h));
+                // The engine's KV cache stores keys and values as f16.
+                ks.push(through_f16(&k));
+                vs.push(through_f16(&self.linear(&p("attn_v.weight"), h)));
             }
             for i in 0..xs.len() {
                 let mut attn = vec![0.0f32; HEADS * HEAD_DIM];
