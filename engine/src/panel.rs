@@ -74,8 +74,8 @@ impl Panels {
         let (rows, cols, dtype) = (w.rows(), w.cols(), w.dtype);
         if !matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0)
             || rows == 0
-            || rows % PANEL_ROWS != 0
-            || cols % QK != 0
+            || !rows.is_multiple_of(PANEL_ROWS)
+            || !cols.is_multiple_of(QK)
         {
             return None;
         }

@@ -123,53 +123,68 @@ pub fn matmul(w: &QTensor, x: &[f32], n: usize, out: &mut [f32]) {
     }
 }
 
-/// A weight matrix prepared for [`matmul`]: Q4_1 and Q8_0 weights are also repacked into
-/// [`Panels`] where the CPU has AVX-512 VNNI (the fast path for batched tokens), otherwise the
-/// row kernels read the blocks as loaded.
+/// A weight matrix prepared for [`matmul`]: Q4_1 and Q8_0 weights are repacked into
+/// [`Panels`] where the CPU has AVX-512 VNNI (the fast path for batched tokens; the source bytes
+/// are then let go), otherwise the row kernels read the blocks as loaded.
 #[derive(Debug)]
 pub struct Linear {
-    pub weight: QTensor,
-    panels: Option<Panels>,
+    name: String,
+    dtype: GgmlType,
+    rows: usize,
+    cols: usize,
+    kernel: LinearKernel,
+}
+
+#[derive(Debug)]
+enum LinearKernel {
+    Rows(QTensor),
+    Panels(Panels),
 }
 
 impl Linear {
     pub fn new(weight: QTensor) -> Self {
-        let panels = Panels::pack(&weight);
-        Linear { weight, panels }
+        let (name, dtype, rows, cols) = (
+            weight.name.clone(),
+            weight.dtype,
+            weight.rows(),
+            weight.cols(),
+        );
+        let kernel = match Panels::pack(&weight) {
+            Some(panels) => LinearKernel::Panels(panels),
+            None => LinearKernel::Rows(weight),
+        };
+        Linear {
+            name,
+            dtype,
+            rows,
+            cols,
+            kernel,
+        }
     }
 
     pub fn rows(&self) -> usize {
-        self.weight.rows()
+        self.rows
     }
 
     pub fn dtype(&self) -> GgmlType {
-        self.weight.dtype
+        self.dtype
     }
 
     /// Whether the panel kernels multiply this weight.
     pub fn uses_panels(&self) -> bool {
-        self.panels.is_some()
+        matches!(self.kernel, LinearKernel::Panels(_))
     }
 
     /// [`matmul`] by this weight, through its panels when it has them.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        match &self.panels {
-            Some(panels) => {
-                let cols = self.weight.cols();
-                assert_eq!(
-                    x.len(),
-                    n * cols,
-                    "{}: x is not n × {cols}",
-                    self.weight.name
-                );
-                let format = self
-                    .weight
-                    .dtype
-                    .act_format()
-                    .expect("panels are quantised");
+        match &self.kernel {
+            LinearKernel::Panels(panels) => {
+                let cols = self.cols;
+                assert_eq!(x.len(), n * cols, "{}: x is not n × {cols}", self.name);
+                let format = self.dtype.act_format().expect("panels are quantised");
                 panels.matmul(&QuantizedActs::quantize(format, x, n, cols), out);
             }
-            None => matmul(&self.weight, x, n, out),
+            LinearKernel::Rows(weight) => matmul(weight, x, n, out),
         }
     }
 }

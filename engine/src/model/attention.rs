@@ -30,7 +30,7 @@ pub struct HeadGroup<'a> {
 pub fn attend(group: &HeadGroup<'_>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if group.head_dim % LANES == 0 && is_x86_feature_detected!("avx512f") {
+        if group.head_dim.is_multiple_of(LANES) && is_x86_feature_detected!("avx512f") {
             // SAFETY: the feature was just detected; the head size is whole vectors.
             return unsafe { attend_avx512(group, out) };
         }
@@ -108,7 +108,7 @@ fn attend_with(
 #[target_feature(enable = "avx512f")]
 unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() == b.len() && a.len() % LANES == 0);
+    debug_assert!(a.len() == b.len() && a.len().is_multiple_of(LANES));
     let mut acc = _mm512_setzero_ps();
     for i in (0..a.len()).step_by(LANES) {
         let p = _mm512_mul_ps(
@@ -137,7 +137,7 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
 #[target_feature(enable = "avx512f")]
 unsafe fn widen_avx512(from: &[f16], to: &mut [f32]) {
     use std::arch::x86_64::*;
-    debug_assert!(from.len() == to.len() && from.len() % LANES == 0);
+    debug_assert!(from.len() == to.len() && from.len().is_multiple_of(LANES));
     for i in (0..from.len()).step_by(LANES) {
         let h = _mm256_loadu_si256(from.as_ptr().add(i) as *const __m256i);
         _mm512_storeu_ps(to.as_mut_ptr().add(i), _mm512_cvtph_ps(h));

@@ -1,7 +1,10 @@
 //! Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2) on the CPU, reading and
 //! writing a paged KV cache laid out by the scheduler's block tables.
 
-use half::{f16, slice::HalfFloatSliceExt};
+use half::{
+    f16,
+    slice::{HalfBitsSliceExt, HalfFloatSliceExt},
+};
 use rayon::prelude::*;
 
 use crate::config::{Architecture, ModelConfig, RopeStyle};
@@ -147,8 +150,10 @@ pub struct LlamaModel {
 pub struct KvCache {
     pub block_size: usize,
     pub num_blocks: usize,
-    keys: Vec<Vec<f16>>,
-    values: Vec<Vec<f16>>,
+    /// f16 bit patterns: a zeroed `u16` buffer is allocated lazily by the OS, so untouched
+    /// blocks cost no memory (a `vec![f16::ZERO; n]` would write every page at start).
+    keys: Vec<Vec<u16>>,
+    values: Vec<Vec<u16>>,
     /// Floats per KV head per layer (`num_blocks · block_size · head_dim`).
     head_plane: usize,
 }
@@ -166,10 +171,10 @@ impl KvCache {
             block_size,
             num_blocks,
             keys: (0..config.num_layers)
-                .map(|_| vec![f16::ZERO; layer_len])
+                .map(|_| vec![0u16; layer_len])
                 .collect(),
             values: (0..config.num_layers)
-                .map(|_| vec![f16::ZERO; layer_len])
+                .map(|_| vec![0u16; layer_len])
                 .collect(),
             head_plane,
         }
@@ -388,7 +393,8 @@ impl LlamaModel {
             if let Some(bias) = &layer.qkv_bias {
                 ops::add_bias(&mut qkv, bias);
             }
-            let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
+            let keys: &mut [f16] = cache.keys[l].reinterpret_cast_mut();
+            let values: &mut [f16] = cache.values[l].reinterpret_cast_mut();
             for t in 0..n {
                 let row = &mut qkv[t * qkv_len..(t + 1) * qkv_len];
                 self.rope(&mut row[..q_len + kv_len], &angles[t]);
@@ -400,7 +406,8 @@ impl LlamaModel {
                         .convert_from_f32_slice(&row[from + kv_len..from + kv_len + hd]);
                 }
             }
-            let (keys, values) = (&cache.keys[l], &cache.values[l]);
+            let keys: &[f16] = cache.keys[l].reinterpret_cast();
+            let values: &[f16] = cache.values[l].reinterpret_cast();
             let plane = cache.head_plane;
             // One task per (token, KV head): a single decoding sequence uses every thread too.
             attn.par_chunks_mut(group * hd)
