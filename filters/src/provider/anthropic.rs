@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, parse_field, read_messages, text, CachedUsage, ChunkWriter, InContent, InImageUrl,
-    InMessage, InPart, InTool, Text,
+    bad, now, parse_field, plain_u64, read_messages, scan_object, string_text, text, utf8,
+    CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart, InTool, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -784,6 +784,81 @@ impl AnthropicStream {
         let Some(data) = event_data(event) else {
             return;
         };
+        if self.frequent_event(data, out).is_some() {
+            return;
+        }
+        self.event_value(data, out);
+    }
+
+    /// Content deltas (most of a stream) and the events that send nothing, read with the
+    /// body's scanner and written directly instead of through a `Value` per event. `None`,
+    /// with nothing written, leaves the event to [`Self::event_value`]: any other event, and
+    /// anything unusual (see [`scan_object`]).
+    fn frequent_event(&mut self, data: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        let src = utf8(data)?;
+        let (mut kind, mut index, mut delta) = (None, None, None);
+        scan_object(src, |key, value, escaped| match key {
+            "type" => {
+                kind = Some(value).filter(|_| !escaped);
+                Some(1)
+            }
+            "index" => {
+                index = Some(value);
+                Some(2)
+            }
+            "delta" => {
+                delta = Some(value);
+                Some(4)
+            }
+            _ => Some(0),
+        })?;
+        match kind? {
+            "\"content_block_delta\"" => {}
+            "\"ping\"" | "\"content_block_stop\"" => return Some(()),
+            _ => return None,
+        }
+        let index = index.map_or(Some(0), plain_u64)?;
+        let (mut delta_kind, mut text, mut thinking, mut partial) = (None, None, None, None);
+        scan_object(delta?, |key, value, escaped| {
+            let (slot, bit) = match key {
+                "type" => (&mut delta_kind, 1),
+                "text" => (&mut text, 2),
+                "thinking" => (&mut thinking, 4),
+                "partial_json" => (&mut partial, 8),
+                _ => return Some(0),
+            };
+            *slot = string_text(value, escaped).map(|t| (t, value));
+            Some(bit)
+        })?;
+        let (_, delta_kind) = delta_kind?;
+        match delta_kind {
+            "\"text_delta\"" => self.writer.text_delta(out, "content", &text?.0),
+            "\"thinking_delta\"" => self
+                .writer
+                .text_delta(out, "reasoning_content", &thinking?.0),
+            "\"input_json_delta\"" => {
+                let (partial, token) = partial?;
+                match self
+                    .blocks
+                    .iter()
+                    .find(|(i, _)| *i == index)
+                    .map(|(_, c)| *c)
+                {
+                    Some(Some(call)) => self.writer.arguments_delta(out, call, &partial),
+                    // The JSON-answer tool: its input is the message content.
+                    Some(None) if token != "\"\"" => {
+                        self.writer.text_delta(out, "content", &partial)
+                    }
+                    _ => {}
+                }
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// Any event, read into a `serde_json::Value`.
+    fn event_value(&mut self, data: &[u8], out: &mut Vec<u8>) {
         let Ok(v) = serde_json::from_slice::<Value>(data) else {
             return;
         };

@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, parse_field, read_messages, text, CachedUsage, ChunkWriter, InContent, InImageUrl,
-    InMessage, InPart, InTool, Text,
+    bad, now, parse_field, plain_u64, read_messages, scan_object, scan_path, string_text, text,
+    utf8, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart, InTool, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -1533,21 +1533,42 @@ impl EventStreamDecoder {
     /// The next complete message, an error (after which the decoder yields nothing more), or
     /// `None` when more input is needed.
     pub fn next_message(&mut self) -> Option<Result<EventMessage, EventStreamError>> {
+        let at = match self.next_frame()? {
+            Ok(at) => at,
+            Err(e) => return Some(Err(e)),
+        };
+        let frame = self.frame(&at);
+        let message = EventMessage {
+            headers: parse_headers(frame.headers).expect("headers checked when decoded"),
+            payload: frame.payload.to_vec(),
+        };
+        self.consume(&at);
+        Some(Ok(message))
+    }
+
+    /// Where the next complete message lies in the buffer ([`Self::frame`] reads it,
+    /// [`Self::consume`] drops it), as [`Self::next_message`] finds it, without copying it.
+    fn next_frame(&mut self) -> Option<Result<FrameAt, EventStreamError>> {
         if self.failed || self.buf.len() < 12 {
             return None;
         }
         let r = self.decode();
-        match &r {
-            Some(Err(_)) => {
-                self.failed = true;
-                self.buf.clear();
-            }
-            Some(Ok((_, len))) => {
-                self.buf.drain(..*len);
-            }
-            None => {}
+        if let Some(Err(_)) = &r {
+            self.failed = true;
+            self.buf.clear();
         }
-        r.map(|r| r.map(|(m, _)| m))
+        r
+    }
+
+    fn frame(&self, at: &FrameAt) -> Frame<'_> {
+        Frame {
+            headers: &self.buf[at.headers.clone()],
+            payload: &self.buf[at.payload.clone()],
+        }
+    }
+
+    fn consume(&mut self, at: &FrameAt) {
+        self.buf.drain(..at.len);
     }
 
     /// Checks that the stream did not end inside a message.
@@ -1558,7 +1579,7 @@ impl EventStreamDecoder {
         }
     }
 
-    fn decode(&self) -> Option<Result<(EventMessage, usize), EventStreamError>> {
+    fn decode(&self) -> Option<Result<FrameAt, EventStreamError>> {
         let b = &self.buf;
         let total = be_u32(&b[0..4]);
         let headers_len = be_u32(&b[4..8]) as usize;
@@ -1576,16 +1597,60 @@ impl EventStreamDecoder {
         if crc32fast::hash(&b[..len - 4]) != be_u32(&b[len - 4..len]) {
             return Some(Err(EventStreamError::MessageCrc));
         }
-        let headers = match parse_headers(&b[12..12 + headers_len]) {
-            Ok(h) => h,
-            Err(e) => return Some(Err(e)),
-        };
-        let payload = b[12 + headers_len..len - 4].to_vec();
-        Some(Ok((EventMessage { headers, payload }, len)))
+        let headers = 12..12 + headers_len;
+        if let Err(e) = for_each_header(&b[headers.clone()], |_, _| {}) {
+            return Some(Err(e));
+        }
+        Some(Ok(FrameAt {
+            headers,
+            payload: 12 + headers_len..len - 4,
+            len,
+        }))
     }
 }
 
-fn parse_headers(mut b: &[u8]) -> Result<Vec<(String, String)>, EventStreamError> {
+/// A decoded message's place in the decoder's buffer.
+struct FrameAt {
+    headers: std::ops::Range<usize>,
+    payload: std::ops::Range<usize>,
+    len: usize,
+}
+
+/// A decoded message borrowed from the decoder's buffer: its header block (checked) and its
+/// payload.
+struct Frame<'a> {
+    headers: &'a [u8],
+    payload: &'a [u8],
+}
+
+impl<'a> Frame<'a> {
+    /// The first string header called `name`, as [`EventMessage::header`] finds it.
+    fn header(&self, name: &str) -> Option<&'a str> {
+        let mut found = None;
+        // The block was checked when the message was decoded: this walk cannot fail.
+        let _ = for_each_header(self.headers, |n, value| {
+            if found.is_none() && n == name {
+                found = Some(value);
+            }
+        });
+        found
+    }
+}
+
+fn parse_headers(b: &[u8]) -> Result<Vec<(String, String)>, EventStreamError> {
+    let mut out = vec![];
+    for_each_header(b, |name, value| {
+        out.push((name.to_string(), value.to_string()))
+    })?;
+    Ok(out)
+}
+
+/// Walks a header block, handing each string header (name, value) to `string`; other value
+/// types are checked and skipped.
+fn for_each_header<'a>(
+    mut b: &'a [u8],
+    mut string: impl FnMut(&'a str, &'a str),
+) -> Result<(), EventStreamError> {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], EventStreamError> {
         if b.len() < n {
             return Err(EventStreamError::BadHeader("runs past the header block"));
@@ -1594,15 +1659,13 @@ fn parse_headers(mut b: &[u8]) -> Result<Vec<(String, String)>, EventStreamError
         *b = rest;
         Ok(head)
     }
-    let mut out = vec![];
     while !b.is_empty() {
         let name_len = take(&mut b, 1)?[0] as usize;
         if name_len == 0 {
             return Err(EventStreamError::BadHeader("empty name"));
         }
         let name = std::str::from_utf8(take(&mut b, name_len)?)
-            .map_err(|_| EventStreamError::BadHeader("name is not UTF-8"))?
-            .to_string();
+            .map_err(|_| EventStreamError::BadHeader("name is not UTF-8"))?;
         let kind = take(&mut b, 1)?[0];
         match kind {
             // bool true, bool false: no value.
@@ -1632,13 +1695,13 @@ fn parse_headers(mut b: &[u8]) -> Result<Vec<(String, String)>, EventStreamError
                 if kind == 7 {
                     let value = std::str::from_utf8(value)
                         .map_err(|_| EventStreamError::BadHeader("string is not UTF-8"))?;
-                    out.push((name, value.to_string()));
+                    string(name, value);
                 }
             }
             _ => return Err(EventStreamError::BadHeader("unknown value type")),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1683,11 +1746,17 @@ impl BedrockStream {
         if self.finished {
             return;
         }
-        self.decoder.feed(chunk);
-        while let Some(message) = self.decoder.next_message() {
-            match message {
-                Ok(m) => self.message(&m, out),
+        // The decoder is moved out while its messages, borrowed from its buffer, are handled.
+        let mut decoder = std::mem::take(&mut self.decoder);
+        decoder.feed(chunk);
+        while let Some(frame) = decoder.next_frame() {
+            match frame {
+                Ok(at) => {
+                    self.message(&decoder.frame(&at), out);
+                    decoder.consume(&at);
+                }
                 Err(e) => {
+                    self.decoder = decoder;
                     self.error(
                         "internal_server_error",
                         "502",
@@ -1698,6 +1767,7 @@ impl BedrockStream {
                 }
             }
         }
+        self.decoder = decoder;
     }
 
     pub fn finish(&mut self, out: &mut Vec<u8>) {
@@ -1727,8 +1797,82 @@ impl BedrockStream {
         self.writer.delta(out, 0, &delta, finish);
     }
 
-    fn message(&mut self, m: &EventMessage, out: &mut Vec<u8>) {
-        let payload: Value = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+    fn message(&mut self, m: &Frame, out: &mut Vec<u8>) {
+        if self.frequent_message(m, out).is_some() {
+            return;
+        }
+        self.message_value(m, out);
+    }
+
+    /// Content deltas (most of a stream) read with the body's scanner and written directly
+    /// instead of through a `Value` per event, and the events that send nothing (their payload
+    /// unread). `None`, with nothing written, leaves the message to [`Self::message_value`]:
+    /// exceptions, errors, the other events and anything unusual (see [`scan_object`]).
+    fn frequent_message(&mut self, m: &Frame, out: &mut Vec<u8>) -> Option<()> {
+        if let Some("exception" | "error") = m.header(":message-type") {
+            return None;
+        }
+        match m.header(":event-type") {
+            Some("contentBlockDelta") => {}
+            Some("messageStart" | "contentBlockStart" | "messageStop" | "metadata") => return None,
+            _ => return Some(()),
+        }
+        let src = utf8(m.payload)?;
+        let (mut index, mut delta) = (None, None);
+        scan_object(src, |key, value, _| match key {
+            "contentBlockIndex" => {
+                index = Some(value);
+                Some(1)
+            }
+            "delta" => {
+                delta = Some(value);
+                Some(2)
+            }
+            _ => Some(0),
+        })?;
+        let index = index.map_or(Some(0), plain_u64)?;
+        let (mut text, mut reasoning, mut tool_use) = (None, None, None);
+        scan_object(delta?, |key, value, escaped| match key {
+            "text" => {
+                text = Some((value, escaped));
+                Some(1)
+            }
+            "reasoningContent" => {
+                reasoning = Some(value);
+                Some(2)
+            }
+            "toolUse" => {
+                tool_use = Some(value);
+                Some(4)
+            }
+            _ => Some(0),
+        })?;
+        if let Some((text, escaped)) = text {
+            self.writer
+                .text_delta(out, "content", &string_text(text, escaped)?);
+        } else if reasoning.is_some() {
+            return None;
+        } else if let Some(tool_use) = tool_use {
+            let (token, escaped) = scan_path(tool_use, &["input"])?;
+            let partial = string_text(token, escaped)?;
+            match self
+                .blocks
+                .iter()
+                .find(|(i, _)| *i == index)
+                .map(|(_, c)| *c)
+            {
+                Some(Some(call)) => self.writer.arguments_delta(out, call, &partial),
+                // The JSON-answer tool: its input is the message content.
+                Some(None) if token != "\"\"" => self.writer.text_delta(out, "content", &partial),
+                _ => {}
+            }
+        }
+        Some(())
+    }
+
+    /// Any message, its payload read into a `serde_json::Value`.
+    fn message_value(&mut self, m: &Frame, out: &mut Vec<u8>) {
+        let payload: Value = serde_json::from_slice(m.payload).unwrap_or(Value::Null);
         match m.header(":message-type") {
             Some("exception") => {
                 let kind = m.header(":exception-type").unwrap_or("exception");

@@ -4,7 +4,10 @@
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
-use super::common::{bearer_request, now, raw_value, usage_json, ChunkWriter};
+use super::common::{
+    bearer_request, now, raw_value, scan_object, scan_path, string_text, usage_json, utf8,
+    ChunkWriter,
+};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -281,6 +284,52 @@ impl CohereStream {
         let Some(data) = event_data(event) else {
             return;
         };
+        if self.frequent_event(data, out).is_some() {
+            return;
+        }
+        self.event_value(data, out);
+    }
+
+    /// Content and tool-argument deltas (most of a stream) and the events that send nothing,
+    /// read with the body's scanner and written directly instead of through a `Value` per
+    /// event. `None`, with nothing written, leaves the event to [`Self::event_value`]: any
+    /// other event, and anything unusual (see [`scan_object`]).
+    fn frequent_event(&mut self, data: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        let src = utf8(data)?;
+        let (mut kind, mut delta) = (None, None);
+        scan_object(src, |key, value, escaped| match key {
+            "type" => {
+                kind = Some(value).filter(|_| !escaped);
+                Some(1)
+            }
+            "delta" => {
+                delta = Some(value);
+                Some(2)
+            }
+            _ => Some(0),
+        })?;
+        match kind? {
+            "\"content-delta\"" => {
+                let (text, escaped) = scan_path(delta?, &["message", "content", "text"])?;
+                self.writer
+                    .text_delta(out, "content", &string_text(text, escaped)?);
+            }
+            "\"tool-call-delta\"" => {
+                let path = ["message", "tool_calls", "function", "arguments"];
+                let (arguments, escaped) = scan_path(delta?, &path)?;
+                let arguments = string_text(arguments, escaped)?;
+                self.writer
+                    .arguments_delta(out, self.tool_index, &arguments);
+            }
+            "\"tool-call-end\"" => self.tool_index += 1,
+            "\"content-start\"" | "\"content-end\"" => {}
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// Any event, read into a `serde_json::Value`.
+    fn event_value(&mut self, data: &[u8], out: &mut Vec<u8>) {
         let Ok(v) = serde_json::from_slice::<Value>(data) else {
             return;
         };
@@ -425,5 +474,57 @@ mod tests {
             assert!(text.contains("\"total_tokens\":71"));
             assert!(text.ends_with("data: [DONE]\n\n"));
         }
+    }
+
+    #[test]
+    fn frequent_events_are_written_as_the_value_path_writes_them() {
+        let input = br#"data: {"id":"29f14a5a","type":"message-start","delta":{"message":{"role":"assistant","content":[]}}}
+
+data: {"type":"content-start","index":0,"delta":{"message":{"content":{"type":"text","text":""}}}}
+
+data: {"type":"content-delta","index":0,"delta":{"message":{"content":{"text":"He said \"hi\"\n\u00e9\/"}}}}
+
+data: {"type":"content-delta","index":0,"delta":{"message":{"content":{"text":7}}}}
+
+data: {"type":"content-delta","index":0,"delta":{"message":{"content":[{"text":"x"}]}}}
+
+data: {"type":"content-delta","index":0,"delta":{"message":{"content":{"text":"a","text":"b"}}}}
+
+data: {"type":"content-end","index":0}
+
+data: {"type":"tool-call-start","index":0,"delta":{"message":{"tool_calls":{"id":"c1","type":"function","function":{"name":"f","arguments":""}}}}}
+
+data: {"type":"tool-call-delta","index":0,"delta":{"message":{"tool_calls":{"function":{"arguments":"{\"a\": 1"}}}}}
+
+data: {"type":"tool-call-delta","index":0,"delta":{"message":{"tool_calls":{"function":{"arguments":"}"}}}}}
+
+data: {"type":"tool-call-end","index":0}
+
+data: {"type":"tool-call-delta","index":1,"delta":{"message":{"tool_calls":{"function":{}}}}}
+
+data: {"type":"content-delta","delta":{"message":{"content":{"text":"z"}}}} ]
+
+data: {"type":"message-end","delta":{"finish_reason":"TOOL_CALL","usage":{"billed_units":{"input_tokens":3,"output_tokens":2},"tokens":{"input_tokens":69,"output_tokens":2}}}}
+
+"#;
+        let mut fast = CohereStream::new("m", true);
+        let mut value = CohereStream::new("m", true);
+        value.created = fast.created;
+        value.writer = fast.writer.clone();
+        let mut events = vec![];
+        SseSplitter::default().feed(input, |e| events.push(e.to_vec()));
+        assert_eq!(events.len(), 14);
+        for e in &events {
+            let (mut a, mut b) = (vec![], vec![]);
+            fast.event(e, &mut a);
+            value.event_value(event_data(e).unwrap(), &mut b);
+            assert_eq!(
+                String::from_utf8_lossy(&a),
+                String::from_utf8_lossy(&b),
+                "{}",
+                String::from_utf8_lossy(e)
+            );
+        }
+        assert_eq!(fast.tool_index, value.tool_index);
     }
 }

@@ -377,6 +377,73 @@ fn unescape(token: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The fields of one JSON object (`src`, nothing but whitespace around it), read with the body's
+/// scanner as [`scan_fields`] reads them. For stream events: `None` where the scanner does not
+/// decide (malformed JSON, a key with escapes, a repeated field, deep nesting), and the caller
+/// then leaves the event to serde_json, which decides exactly as before.
+pub(super) fn scan_object<'a>(
+    src: &'a str,
+    field: impl FnMut(&'a str, &'a str, bool) -> Option<u8>,
+) -> Option<()> {
+    let mut s = Scanner::new(src.as_bytes());
+    s.ws();
+    scan_fields(&mut s, src, field)?;
+    s.ws();
+    (s.pos() == src.len()).then_some(())
+}
+
+/// `bytes` as text when they are valid UTF-8. Stream events are nearly always ASCII, which is
+/// checked many bytes at a time, faster than the full validation.
+pub(super) fn utf8(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8.
+        return Some(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
+    std::str::from_utf8(bytes).ok()
+}
+
+/// The token at `path` (keys of nested objects) in the JSON object `src`, with whether it is a
+/// string with escapes. `None` when a key is missing, a value on the way is not an object, or
+/// [`scan_object`] does not decide.
+pub(super) fn scan_path<'a>(src: &'a str, path: &[&str]) -> Option<(&'a str, bool)> {
+    let mut found = (src, false);
+    for key in path {
+        let mut hit = None;
+        scan_object(found.0, |k, value, escaped| {
+            if k != *key {
+                return Some(0);
+            }
+            hit = Some((value, escaped));
+            Some(1)
+        })?;
+        found = hit?;
+    }
+    Some(found)
+}
+
+/// A number token that is a plain non-negative integer, as `Value::as_u64` reads it; `None`
+/// for anything else (fractions, exponents, signs, overflow).
+pub(super) fn plain_u64(token: &str) -> Option<u64> {
+    if token.bytes().all(|b| b.is_ascii_digit()) {
+        token.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// A string token (`escaped`: it has escapes) to write out as serde_json writes its string:
+/// copied through unless an escape is one serde_json writes differently. `None` for a token
+/// that is not a string.
+pub(super) fn string_text(token: &str, escaped: bool) -> Option<Text<'_>> {
+    if !token.starts_with('"') {
+        return None;
+    }
+    if !escaped || canonical_escapes(token.as_bytes()) {
+        return Some(Text::Raw(Token(token)));
+    }
+    token_str(token, escaped).map(Text::Str)
+}
+
 /// A string or `null` (`Option<Cow<str>>`).
 pub(super) fn opt_str(token: &str, escaped: bool) -> Option<Option<Cow<'_, str>>> {
     match token {
@@ -610,11 +677,26 @@ impl ChunkWriter {
 
     /// One event with a single choice delta.
     pub fn delta(&self, out: &mut Vec<u8>, index: u64, delta: &Value, finish: Option<&str>) {
+        self.open(out, index);
+        serde_json::to_writer(&mut *out, delta).expect("json serializes");
+        Self::close(out, finish);
+    }
+
+    /// Starts an event of choice `index`, up to its delta (written next by the caller, then
+    /// [`ChunkWriter::close`]).
+    pub fn open(&self, out: &mut Vec<u8>, index: u64) {
         out.extend_from_slice(&self.head);
         out.extend_from_slice(b"{\"index\":");
-        out.extend_from_slice(index.to_string().as_bytes());
+        if index < 10 {
+            out.push(b'0' + index as u8);
+        } else {
+            serde_json::to_writer(&mut *out, &index).expect("numbers serialize");
+        }
         out.extend_from_slice(b",\"delta\":");
-        serde_json::to_writer(&mut *out, delta).expect("json serializes");
+    }
+
+    /// Ends an event after its delta.
+    pub fn close(out: &mut Vec<u8>, finish: Option<&str>) {
         out.extend_from_slice(b",\"finish_reason\":");
         match finish {
             Some(f) => serde_json::to_writer(&mut *out, f).expect("strings serialize"),
@@ -623,10 +705,46 @@ impl ChunkWriter {
         out.extend_from_slice(b"}]}\n\n");
     }
 
+    /// One event of choice 0 whose delta is `{"<key>": text}` (`key` needs no escaping), as
+    /// `delta` writes `json!({key: text})`.
+    pub fn text_delta(&self, out: &mut Vec<u8>, key: &str, text: &Text) {
+        self.open(out, 0);
+        out.extend_from_slice(b"{\"");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        text.write(out);
+        out.push(b'}');
+        Self::close(out, None);
+    }
+
+    /// One event of choice 0 with a streamed tool call's arguments, as `delta` writes
+    /// `json!({"tool_calls": [{"index": call, "function": {"arguments": arguments}}]})`
+    /// (serde_json's maps sort their keys).
+    pub fn arguments_delta(&self, out: &mut Vec<u8>, call: usize, arguments: &Text) {
+        self.open(out, 0);
+        out.extend_from_slice(b"{\"tool_calls\":[{\"function\":{\"arguments\":");
+        arguments.write(out);
+        out.extend_from_slice(b"},\"index\":");
+        serde_json::to_writer(&mut *out, &call).expect("numbers serialize");
+        out.extend_from_slice(b"}]}");
+        Self::close(out, None);
+    }
+
     /// One event with a whole choice object (text completions carry `text`, not `delta`).
     pub fn choice(&self, out: &mut Vec<u8>, choice: &Value) {
-        out.extend_from_slice(&self.head);
+        self.open_choice(out);
         serde_json::to_writer(&mut *out, choice).expect("json serializes");
+        Self::close_choice(out);
+    }
+
+    /// Starts an event, up to its choice object (written next by the caller, then
+    /// [`ChunkWriter::close_choice`]).
+    pub fn open_choice(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.head);
+    }
+
+    /// Ends an event after its choice object.
+    pub fn close_choice(out: &mut Vec<u8>) {
         out.extend_from_slice(b"]}\n\n");
     }
 

@@ -177,3 +177,60 @@ fn stream_error_event_is_reported_in_band() {
     assert!(text.contains("Overloaded"));
     assert!(text.ends_with("data: [DONE]\n\n"));
 }
+
+#[test]
+fn frequent_events_are_written_as_the_value_path_writes_them() {
+    let mut input = fixture("stream_tool_use.sse");
+    // Escapes (canonical and not), thinking, the JSON-answer tool, odd types and repeated keys.
+    input.extend_from_slice(
+        br#"data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a \"q\" \\ \n\u0001 \u00e9 \/ \ud83d\ude00"}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hm\tm"}}
+
+data: {"type":"content_block_start","index":7,"content_block":{"type":"tool_use","id":"t","name":"json_tool_call","input":{}}}
+
+data: {"type":"content_block_delta","index":7,"delta":{"type":"input_json_delta","partial_json":"{\"a\":"}}
+
+data: {"type":"content_block_delta","index":7,"delta":{"type":"input_json_delta","partial_json":""}}
+
+data: {"type":"content_block_delta","index":"1","delta":{"type":"input_json_delta","partial_json":"x"}}
+
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":3}}
+
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta"}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a","text":"b"}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","te\u0078t":"c"}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":null}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"other","text":"d"}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"e"}} x
+
+data: {"type":"content_block_stop","index":0,"extra":[1,{"a":null}]}
+
+data: {"type":"ping"}
+
+"#,
+    );
+    let mut fast = AnthropicStream::new("m", true);
+    let mut value = AnthropicStream::new("m", true);
+    value.created = fast.created;
+    value.writer = fast.writer.clone();
+    let mut events = vec![];
+    SseSplitter::default().feed(&input, |e| events.push(e.to_vec()));
+    assert!(events.len() > 20);
+    for e in &events {
+        let (mut a, mut b) = (vec![], vec![]);
+        fast.event(e, &mut a);
+        value.event_value(event_data(e).unwrap(), &mut b);
+        assert_eq!(
+            String::from_utf8_lossy(&a),
+            String::from_utf8_lossy(&b),
+            "{}",
+            String::from_utf8_lossy(e)
+        );
+    }
+}

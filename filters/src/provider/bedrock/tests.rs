@@ -962,3 +962,73 @@ fn exceptions_and_truncation_are_reported_in_band() {
         .contains("before messageStop"));
     assert!(usage.is_none());
 }
+
+#[test]
+fn frequent_messages_are_written_as_the_value_path_writes_them() {
+    let mut input = recorded_stream();
+    // Escapes (canonical and not), reasoning, the JSON-answer tool, odd types, repeated keys.
+    for (kind, payload) in [
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":0,"delta":{"text":"a \"q\" \\ \n\u0001 \u00e9 \/"}}"#,
+        ),
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":0,"delta":{"reasoningContent":{"text":"hm"}}}"#,
+        ),
+        (
+            "contentBlockStart",
+            r#"{"contentBlockIndex":7,"start":{"toolUse":{"name":"json_tool_call","toolUseId":"t"}}}"#,
+        ),
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":7,"delta":{"toolUse":{"input":"{\"a\":"}}}"#,
+        ),
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":7,"delta":{"toolUse":{"input":""}}}"#,
+        ),
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":"1","delta":{"toolUse":{"input":"x"}}}"#,
+        ),
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":1,"delta":{"text":5,"toolUse":{"input":"y"}}}"#,
+        ),
+        ("contentBlockDelta", r#"{"delta":{"text":"a","text":"b"}}"#),
+        ("contentBlockDelta", r#"{"delta":{"te\u0078t":"c"}}"#),
+        ("contentBlockDelta", r#"{"delta":{}}"#),
+        ("contentBlockDelta", r#"{"delta":{"text":"e"}} x"#),
+        ("contentBlockDelta", r#"[1]"#),
+        ("contentBlockStop", r#"{"contentBlockIndex":0"#),
+        ("somethingNew", r#"{"a":1}"#),
+    ] {
+        input.extend(frame(
+            &[(":event-type", kind), (":message-type", "event")],
+            payload.as_bytes(),
+        ));
+    }
+    let mut fast = BedrockStream::new("m", true);
+    let mut value = BedrockStream::new("m", true);
+    value.writer = fast.writer.clone();
+    let mut decoder = EventStreamDecoder::new();
+    decoder.feed(&input);
+    let mut n = 0;
+    while let Some(at) = decoder.next_frame() {
+        let at = at.unwrap();
+        let m = decoder.frame(&at);
+        let (mut a, mut b) = (vec![], vec![]);
+        fast.message(&m, &mut a);
+        value.message_value(&m, &mut b);
+        assert_eq!(
+            String::from_utf8_lossy(&a),
+            String::from_utf8_lossy(&b),
+            "{}",
+            String::from_utf8_lossy(m.payload)
+        );
+        decoder.consume(&at);
+        n += 1;
+    }
+    assert!(n > 20);
+}
