@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, parse_field, plain_u64, read_messages, scan_object, string_text, text, utf8,
+    bad, now, object_fields, parse_field, plain_u64, read_messages, string_text, text, utf8,
     CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart, InTool, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
@@ -793,11 +793,11 @@ impl AnthropicStream {
     /// Content deltas (most of a stream) and the events that send nothing, read with the
     /// body's scanner and written directly instead of through a `Value` per event. `None`,
     /// with nothing written, leaves the event to [`Self::event_value`]: any other event, and
-    /// anything unusual (see [`scan_object`]).
+    /// anything unusual (see [`object_fields`]).
     fn frequent_event(&mut self, data: &[u8], out: &mut Vec<u8>) -> Option<()> {
         let src = utf8(data)?;
         let (mut kind, mut index, mut delta) = (None, None, None);
-        scan_object(src, |key, value, escaped| match key {
+        object_fields(src, |key, value, escaped| match key {
             "type" => {
                 kind = Some(value).filter(|_| !escaped);
                 Some(1)
@@ -819,7 +819,7 @@ impl AnthropicStream {
         }
         let index = index.map_or(Some(0), plain_u64)?;
         let (mut delta_kind, mut text, mut thinking, mut partial) = (None, None, None, None);
-        scan_object(delta?, |key, value, escaped| {
+        object_fields(delta?, |key, value, escaped| {
             let (slot, bit) = match key {
                 "type" => (&mut delta_kind, 1),
                 "text" => (&mut text, 2),

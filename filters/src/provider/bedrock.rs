@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, parse_field, plain_u64, read_messages, scan_object, scan_path, string_text, text,
+    bad, now, object_fields, parse_field, plain_u64, read_messages, scan_path, string_text, text,
     utf8, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart, InTool, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
@@ -1807,7 +1807,7 @@ impl BedrockStream {
     /// Content deltas (most of a stream) read with the body's scanner and written directly
     /// instead of through a `Value` per event, and the events that send nothing (their payload
     /// unread). `None`, with nothing written, leaves the message to [`Self::message_value`]:
-    /// exceptions, errors, the other events and anything unusual (see [`scan_object`]).
+    /// exceptions, errors, the other events and anything unusual (see [`object_fields`]).
     fn frequent_message(&mut self, m: &Frame, out: &mut Vec<u8>) -> Option<()> {
         if let Some("exception" | "error") = m.header(":message-type") {
             return None;
@@ -1819,7 +1819,7 @@ impl BedrockStream {
         }
         let src = utf8(m.payload)?;
         let (mut index, mut delta) = (None, None);
-        scan_object(src, |key, value, _| match key {
+        object_fields(src, |key, value, _| match key {
             "contentBlockIndex" => {
                 index = Some(value);
                 Some(1)
@@ -1832,7 +1832,7 @@ impl BedrockStream {
         })?;
         let index = index.map_or(Some(0), plain_u64)?;
         let (mut text, mut reasoning, mut tool_use) = (None, None, None);
-        scan_object(delta?, |key, value, escaped| match key {
+        object_fields(delta?, |key, value, escaped| match key {
             "text" => {
                 text = Some((value, escaped));
                 Some(1)

@@ -5,7 +5,7 @@ use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bearer_request, now, raw_value, scan_object, scan_path, string_text, usage_json, utf8,
+    bearer_request, now, object_fields, raw_value, scan_path, string_text, usage_json, utf8,
     ChunkWriter,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
@@ -293,11 +293,11 @@ impl CohereStream {
     /// Content and tool-argument deltas (most of a stream) and the events that send nothing,
     /// read with the body's scanner and written directly instead of through a `Value` per
     /// event. `None`, with nothing written, leaves the event to [`Self::event_value`]: any
-    /// other event, and anything unusual (see [`scan_object`]).
+    /// other event, and anything unusual (see [`object_fields`]).
     fn frequent_event(&mut self, data: &[u8], out: &mut Vec<u8>) -> Option<()> {
         let src = utf8(data)?;
         let (mut kind, mut delta) = (None, None);
-        scan_object(src, |key, value, escaped| match key {
+        object_fields(src, |key, value, escaped| match key {
             "type" => {
                 kind = Some(value).filter(|_| !escaped);
                 Some(1)

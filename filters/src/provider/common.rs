@@ -381,7 +381,7 @@ fn unescape(token: &str) -> Option<String> {
 /// scanner as [`scan_fields`] reads them. For stream events: `None` where the scanner does not
 /// decide (malformed JSON, a key with escapes, a repeated field, deep nesting), and the caller
 /// then leaves the event to serde_json, which decides exactly as before.
-pub(super) fn scan_object<'a>(
+pub(super) fn object_fields<'a>(
     src: &'a str,
     field: impl FnMut(&'a str, &'a str, bool) -> Option<u8>,
 ) -> Option<()> {
@@ -404,12 +404,12 @@ pub(super) fn utf8(bytes: &[u8]) -> Option<&str> {
 
 /// The token at `path` (keys of nested objects) in the JSON object `src`, with whether it is a
 /// string with escapes. `None` when a key is missing, a value on the way is not an object, or
-/// [`scan_object`] does not decide.
+/// [`object_fields`] does not decide.
 pub(super) fn scan_path<'a>(src: &'a str, path: &[&str]) -> Option<(&'a str, bool)> {
     let mut found = (src, false);
     for key in path {
         let mut hit = None;
-        scan_object(found.0, |k, value, escaped| {
+        object_fields(found.0, |k, value, escaped| {
             if k != *key {
                 return Some(0);
             }
@@ -645,6 +645,46 @@ impl CachedUsage {
             total_tokens: self.prompt() + self.output,
         }
     }
+}
+
+/// One choice of a whole chat completion whose message is plain assistant text.
+pub(super) struct TextChoice<'a> {
+    pub index: u64,
+    pub content: Text<'a>,
+    pub finish_reason: &'static str,
+}
+
+/// Writes an OpenAI `chat.completion` of [`TextChoice`]s, byte for byte as serde_json writes
+/// the `json!` object the translators build for it (serde_json's maps sort their keys).
+pub(super) fn write_text_completion(
+    out: &mut Vec<u8>,
+    id: &Text,
+    model: &str,
+    choices: &[TextChoice],
+    usage: &Value,
+) {
+    out.extend_from_slice(b"{\"choices\":[");
+    for (i, c) in choices.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"finish_reason\":");
+        serde_json::to_writer(&mut *out, c.finish_reason).expect("strings serialize");
+        out.extend_from_slice(b",\"index\":");
+        serde_json::to_writer(&mut *out, &c.index).expect("numbers serialize");
+        out.extend_from_slice(b",\"message\":{\"content\":");
+        c.content.write(out);
+        out.extend_from_slice(b",\"role\":\"assistant\"}}");
+    }
+    out.extend_from_slice(b"],\"created\":");
+    serde_json::to_writer(&mut *out, &now()).expect("numbers serialize");
+    out.extend_from_slice(b",\"id\":");
+    id.write(out);
+    out.extend_from_slice(b",\"model\":");
+    serde_json::to_writer(&mut *out, model).expect("strings serialize");
+    out.extend_from_slice(b",\"object\":\"chat.completion\",\"usage\":");
+    serde_json::to_writer(&mut *out, usage).expect("json serializes");
+    out.push(b'}');
 }
 
 /// Writes OpenAI `chat.completion.chunk` SSE events. The part that stays the same for a whole

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bearer_request, now, raw_value, read_messages, scan_object, string_text, text, usage_json,
+    bearer_request, now, object_fields, raw_value, read_messages, string_text, text, usage_json,
     utf8, ChunkWriter, InContent, InImageUrl, InMessage, Text,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
@@ -466,7 +466,7 @@ impl OllamaStream {
     fn content_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Option<()> {
         let src = utf8(line)?;
         let mut message = None;
-        scan_object(src, |key, value, _| match key {
+        object_fields(src, |key, value, _| match key {
             "message" => {
                 message = Some(value);
                 Some(1)
@@ -477,7 +477,7 @@ impl OllamaStream {
             _ => Some(0),
         })?;
         let mut content = None;
-        scan_object(message?, |key, value, escaped| match key {
+        object_fields(message?, |key, value, escaped| match key {
             "content" => {
                 content = Some((value, escaped));
                 Some(1)
