@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, object_fields, parse_field, plain_u64, read_messages, scan_path, string_text, text,
-    utf8, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart, InTool, Text,
+    bad, now, object_fields, parse_field, plain_u64, read_messages, read_tools, scan_path,
+    scan_text_blocks, single_text, string_text, text, utf8, write_text_completion, CachedUsage,
+    ChunkWriter, InContent, InImageUrl, InMessage, InPart, InTool, Text, TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -663,11 +664,7 @@ fn build_chat(
     };
 
     let tools_len = body.raw("tools").map_or(0, str::len);
-    let in_tools: Vec<InTool> = match body.raw("tools") {
-        None | Some("null") => vec![],
-        Some(raw) => serde_json::from_str(raw)
-            .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools"))?,
-    };
+    let in_tools = read_tools(body.raw("tools"))?;
     let mut tools = convert_tools(&in_tools)?;
     let mut tool_choice = match parse_field::<Value>(body, "tool_choice")? {
         Some(c) => convert_tool_choice(c)?,
@@ -980,6 +977,64 @@ pub(super) fn translate_response(
 }
 
 fn translate_chat(body: &[u8], model: &str) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    if let Some(translated) = text_chat(body, model) {
+        return Ok(translated);
+    }
+    value_chat(body, model)
+}
+
+/// A Converse response of text blocks only, with plain token counts, read with the body's
+/// scanner and written directly, the answer's token copied through. `None` leaves the response
+/// to [`value_chat`]: tool use, reasoning, several blocks, anything unusual.
+fn text_chat(body: &[u8], model: &str) -> Option<(Vec<u8>, Option<Usage>)> {
+    let src = utf8(body)?;
+    let (mut output, mut stop_reason, mut usage) = (None, None, None);
+    object_fields(src, |key, value, escaped| match key {
+        "output" => {
+            output = Some(value);
+            Some(1)
+        }
+        "stopReason" if value == "null" => Some(2),
+        "stopReason" if !escaped && value.starts_with('"') => {
+            stop_reason = Some(&value[1..value.len() - 1]);
+            Some(2)
+        }
+        "stopReason" => None,
+        "usage" => {
+            usage = Some(value);
+            Some(4)
+        }
+        _ => Some(0),
+    })?;
+    let (content, _) = scan_path(output?, &["message", "content"])?;
+    let text = single_text(scan_text_blocks(content, false)?)?;
+    let mut u = BedrockUsage::default();
+    if let Some(usage) = usage {
+        object_fields(usage, |key, value, _| {
+            let (slot, bit) = match key {
+                "inputTokens" => (&mut u.input_tokens, 1),
+                "outputTokens" => (&mut u.output_tokens, 2),
+                "cacheReadInputTokens" => (&mut u.cache_read_input_tokens, 4),
+                "cacheWriteInputTokens" => (&mut u.cache_write_input_tokens, 8),
+                _ => return Some(0),
+            };
+            *slot = plain_u64(value)?;
+            Some(bit)
+        })?;
+    }
+    let choice = TextChoice {
+        index: 0,
+        content: text,
+        finish_reason: finish_reason(stop_reason, false),
+    };
+    let id = Text::Str(Cow::Owned(completion_id()));
+    let mut out = Vec::with_capacity(body.len() + 256);
+    write_text_completion(&mut out, &id, model, &[choice], &u.openai());
+    Some((out, Some(u.usage())))
+}
+
+/// [`translate_chat`] for any response, its blocks read into `serde_json::Value`s.
+fn value_chat(body: &[u8], model: &str) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Response {

@@ -5,8 +5,8 @@ use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bearer_request, now, object_fields, raw_value, scan_path, string_text, usage_json, utf8,
-    ChunkWriter,
+    bearer_request, now, object_fields, plain_u64, raw_value, scan_path, scan_text_blocks,
+    single_text, string_text, usage_json, utf8, write_text_completion, ChunkWriter, TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -167,6 +167,80 @@ fn usage_from(v: &Value) -> Usage {
 }
 
 pub(super) fn translate_response(
+    op: Operation,
+    body: &[u8],
+    model: &str,
+) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    if op == Operation::ChatCompletions {
+        if let Some(translated) = text_chat(body, model) {
+            return Ok(translated);
+        }
+    }
+    value_response(op, body, model)
+}
+
+/// A chat response of text parts only, with plain token counts, read with the body's scanner
+/// and written directly, the answer's token copied through. `None` leaves the response to
+/// [`value_response`]: tool calls, several parts, anything unusual.
+fn text_chat(body: &[u8], model: &str) -> Option<(Vec<u8>, Option<Usage>)> {
+    let src = utf8(body)?;
+    let (mut id, mut message, mut finish, mut usage) = (None, None, None, None);
+    object_fields(src, |key, value, escaped| match key {
+        "id" => {
+            id = Some(string_text(value, escaped)?);
+            Some(1)
+        }
+        "message" => {
+            message = Some(value);
+            Some(2)
+        }
+        "finish_reason" if !escaped && value.starts_with('"') => {
+            finish = Some(&value[1..value.len() - 1]);
+            Some(4)
+        }
+        "finish_reason" => None,
+        "usage" => {
+            usage = Some(value);
+            Some(8)
+        }
+        _ => Some(0),
+    })?;
+    let mut content = None;
+    object_fields(message?, |key, value, _| match key {
+        "content" => {
+            content = Some(value);
+            Some(1)
+        }
+        "tool_calls" => None,
+        _ => Some(0),
+    })?;
+    let text = single_text(scan_text_blocks(content?, false)?)?;
+    // Counts as `usage_from` reads them: `tokens` (here always present), as integers that an
+    // f64 holds exactly.
+    let (tokens, _) = scan_path(usage?, &["tokens"])?;
+    let mut usage = Usage::default();
+    object_fields(tokens, |key, value, _| {
+        let slot = match key {
+            "input_tokens" => &mut usage.prompt_tokens,
+            "output_tokens" => &mut usage.completion_tokens,
+            _ => return Some(0),
+        };
+        *slot = plain_u64(value).filter(|n| *n < 1 << 53)?;
+        Some(if key == "input_tokens" { 1 } else { 2 })
+    })?;
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    let choice = TextChoice {
+        index: 0,
+        content: text,
+        finish_reason: finish_reason(finish),
+    };
+    let mut out = Vec::with_capacity(body.len() + 256);
+    write_text_completion(&mut out, &id?, model, &[choice], &usage_json(&usage));
+    Some((out, Some(usage)))
+}
+
+/// [`translate_response`] for any response, read into a `serde_json::Value`.
+fn value_response(
     op: Operation,
     body: &[u8],
     model: &str,
@@ -526,5 +600,25 @@ data: {"type":"message-end","delta":{"finish_reason":"TOOL_CALL","usage":{"bille
             );
         }
         assert_eq!(fast.tool_index, value.tool_index);
+    }
+
+    #[test]
+    fn text_responses_are_written_as_the_value_path_writes_them() {
+        let bodies: Vec<&[u8]> = vec![
+            br#"{"id":"c1","finish_reason":"MAX_TOKENS","message":{"role":"assistant","content":[{"type":"text","text":"He said \"hi\"\n\u00e9\/"}]},"usage":{"billed_units":{"input_tokens":5,"output_tokens":2},"tokens":{"input_tokens":71,"output_tokens":2}}}"#,
+            br#"{"id":"c1","message":{"content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},"usage":{"tokens":{}}}"#,
+            br#"{"id":"c1","message":{"content":[{"type":"text","text":"a"}],"tool_calls":[]},"usage":{"tokens":{}}}"#,
+            br#"{"id":"c1","message":{"content":[{"type":"text","text":"a"}]},"usage":{"billed_units":{"input_tokens":5}}}"#,
+            br#"{"id":"c1","message":{"content":[{"type":"text","text":"a"}]},"usage":{"tokens":{"input_tokens":5.0}}}"#,
+            br#"{"message":{"content":[{"type":"text","text":"a"}]},"usage":{"tokens":{}}}"#,
+        ];
+        for body in bodies {
+            let generated = !body.starts_with(b"{\"id\"");
+            let fast = translate_response(Operation::ChatCompletions, body, "m")
+                .map(|(b, u)| (crate::provider::common::comparable(&b, generated), u));
+            let value = value_response(Operation::ChatCompletions, body, "m")
+                .map(|(b, u)| (crate::provider::common::comparable(&b, generated), u));
+            assert_eq!(fast.ok(), value.ok(), "{}", String::from_utf8_lossy(body));
+        }
     }
 }

@@ -250,24 +250,7 @@ pub(super) fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
 /// A `tool_calls` list (`src`, its JSON text) read in one pass with the body's scanner, as
 /// serde reads [`InToolCall`]s; `None` (serde decides) for anything unusual.
 pub(super) fn scan_tool_calls(src: &str) -> Option<Vec<InToolCall<'_>>> {
-    let mut s = Scanner::new(src.as_bytes());
-    s.ws();
-    s.eat(b'[').then_some(())?;
-    s.ws();
-    let mut out = Vec::with_capacity(1);
-    if !s.eat(b']') {
-        loop {
-            out.push(scan_tool_call(&mut s, src)?);
-            s.ws();
-            if s.eat(b']') {
-                break;
-            }
-            s.eat(b',').then_some(())?;
-            s.ws();
-        }
-    }
-    s.ws();
-    (s.pos() == src.len()).then_some(out)
+    scan_array(src, scan_tool_call)
 }
 
 /// An object at the scanner, each field handed to `field` (key without quotes, value token,
@@ -355,10 +338,16 @@ fn scan_function(src: &str) -> Option<InFunction<'_>> {
 fn unescape(token: &str) -> Option<String> {
     let bytes = &token.as_bytes()[1..token.len() - 1];
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(at) = memchr::memchr(b'\\', &bytes[i..]) {
-        out.extend_from_slice(&bytes[i..i + at]);
-        let c = match bytes.get(i + at + 1)? {
+    // Escapes come close together in the strings that have them (JSON in a string): a byte
+    // loop costs less than a search call per escape.
+    let (mut i, mut run) = (0, 0);
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        out.extend_from_slice(&bytes[run..i]);
+        let c = match bytes.get(i + 1)? {
             b'"' => b'"',
             b'\\' => b'\\',
             b'/' => b'/',
@@ -370,9 +359,10 @@ fn unescape(token: &str) -> Option<String> {
             _ => return serde_json::from_str(token).ok(),
         };
         out.push(c);
-        i += at + 2;
+        i += 2;
+        run = i;
     }
-    out.extend_from_slice(&bytes[i..]);
+    out.extend_from_slice(&bytes[run..]);
     // Valid UTF-8: escapes were replaced by ASCII between whole characters.
     String::from_utf8(out).ok()
 }
@@ -442,6 +432,35 @@ pub(super) fn string_text(token: &str, escaped: bool) -> Option<Text<'_>> {
         return Some(Text::Raw(Token(token)));
     }
     token_str(token, escaped).map(Text::Str)
+}
+
+/// The texts of content blocks (`src`, a JSON array) that each hold a `text` string (and
+/// `"type":"text"` where `typed`); `None` for any other block or anything unusual.
+pub(super) fn scan_text_blocks(src: &str, typed: bool) -> Option<Vec<Text<'_>>> {
+    scan_array(src, |s, src| {
+        let (block, _) = scan_value(s, src)?;
+        let (mut text, mut is_text) = (None, !typed);
+        object_fields(block, |key, value, escaped| match key {
+            "text" => {
+                text = Some(string_text(value, escaped)?);
+                Some(1)
+            }
+            "type" if typed => {
+                is_text = value == "\"text\"";
+                Some(2)
+            }
+            _ => Some(0),
+        })?;
+        text.filter(|_| is_text)
+    })
+}
+
+/// The one text of [`scan_text_blocks`] (`""` for none); `None` for several, which the
+/// translators join after unescaping.
+pub(super) fn single_text(blocks: Vec<Text<'_>>) -> Option<Text<'_>> {
+    let mut blocks = blocks.into_iter();
+    let text = blocks.next().unwrap_or(Text::Str(Cow::Borrowed("")));
+    blocks.next().is_none().then_some(text)
 }
 
 /// A string or `null` (`Option<Cow<str>>`).
@@ -576,6 +595,17 @@ pub(super) struct InToolFunction<'a> {
     pub description: Option<&'a RawValue>,
     #[serde(default, borrow)]
     pub parameters: Option<&'a RawValue>,
+}
+
+/// The client's `tools` (`raw`, the field's JSON; absent or `null`: none) as [`InTool`]s.
+/// serde reads them: it copies schemas through as raw JSON in one pass, which the scanner
+/// cannot do without a second one.
+pub(super) fn read_tools(raw: Option<&str>) -> Result<Vec<InTool<'_>>, ApiError> {
+    match raw {
+        None | Some("null") => Ok(vec![]),
+        Some(src) => serde_json::from_str(src)
+            .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools")),
+    }
 }
 
 /// A request authenticated with `Authorization: Bearer <api_key>` (when the deployment has a
@@ -795,6 +825,19 @@ impl ChunkWriter {
         serde_json::to_writer(&mut *out, usage).expect("json serializes");
         out.extend_from_slice(b"}\n\n");
     }
+}
+
+/// For tests: a translated response with `created` removed, and `id` too when `generated`
+/// (ids made up per call), re-serialized to compare two translations.
+#[cfg(test)]
+pub(super) fn comparable(body: &[u8], generated: bool) -> String {
+    let mut v: Value = serde_json::from_slice(body).expect("a translation is JSON");
+    let object = v.as_object_mut().expect("an object");
+    object.remove("created");
+    if generated {
+        object.remove("id");
+    }
+    serde_json::to_string(&v).expect("json serializes")
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@ use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bearer_request, now, object_fields, raw_value, read_messages, string_text, text, usage_json,
-    utf8, ChunkWriter, InContent, InImageUrl, InMessage, Text,
+    bearer_request, now, object_fields, plain_u64, raw_value, read_messages, string_text, text,
+    usage_json, utf8, write_text_completion, ChunkWriter, InContent, InImageUrl, InMessage, Text,
+    TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -326,6 +327,71 @@ fn finish_reason(r: &OllamaReply, has_tools: bool) -> &'static str {
 }
 
 pub(super) fn translate_response(
+    op: Operation,
+    body: &[u8],
+    model: &str,
+) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    if op == Operation::ChatCompletions {
+        if let Some(translated) = text_chat(body, model) {
+            return Ok(translated);
+        }
+    }
+    reply_response(op, body, model)
+}
+
+/// A chat reply without tool calls read with the body's scanner and written directly, its
+/// content token copied through. `None` leaves the reply to [`reply_response`]: tool calls,
+/// and anything unusual (any field [`OllamaReply`] reads but does not expect in a chat reply).
+fn text_chat(body: &[u8], model: &str) -> Option<(Vec<u8>, Option<Usage>)> {
+    let src = utf8(body)?;
+    let (mut message, mut length, mut usage) = (None, false, Usage::default());
+    object_fields(src, |key, value, escaped| match key {
+        "message" => {
+            message = Some(value);
+            Some(1)
+        }
+        "done" if value == "true" || value == "false" => Some(2),
+        "done_reason" if value == "null" => Some(4),
+        "done_reason" if !escaped && value.starts_with('"') => {
+            length = value == "\"length\"";
+            Some(4)
+        }
+        "prompt_eval_count" => {
+            usage.prompt_tokens = plain_u64(value)?;
+            Some(8)
+        }
+        "eval_count" => {
+            usage.completion_tokens = plain_u64(value)?;
+            Some(16)
+        }
+        "done" | "done_reason" | "response" | "embeddings" | "error" => None,
+        _ => Some(0),
+    })?;
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    let mut content = Text::Str(Cow::Borrowed(""));
+    object_fields(message?, |key, value, escaped| match key {
+        "content" if value.starts_with('"') => {
+            content = string_text(value, escaped)?;
+            Some(1)
+        }
+        // What the reply path writes for content that is not a string.
+        "content" => Some(1),
+        "tool_calls" => None,
+        _ => Some(0),
+    })?;
+    let choice = TextChoice {
+        index: 0,
+        content,
+        finish_reason: if length { "length" } else { "stop" },
+    };
+    let id = Text::Str(Cow::Owned(format!("chatcmpl-{}", now())));
+    let mut out = Vec::with_capacity(body.len() + 256);
+    write_text_completion(&mut out, &id, model, &[choice], &usage_json(&usage));
+    Some((out, Some(usage)))
+}
+
+/// [`translate_response`] for any reply, read as an [`OllamaReply`].
+fn reply_response(
     op: Operation,
     body: &[u8],
     model: &str,
@@ -693,5 +759,27 @@ mod tests {
             );
         }
         assert!(fast.finished && value.finished);
+    }
+
+    #[test]
+    fn text_responses_are_written_as_the_value_path_writes_them() {
+        let bodies: Vec<&[u8]> = vec![
+            br#"{"model":"llama3","message":{"role":"assistant","content":"He said \"hi\"\n\u00e9\/"},"done":true,"done_reason":"length","prompt_eval_count":4,"eval_count":3}"#,
+            br#"{"message":{"role":"assistant","content":5},"done":false}"#,
+            br#"{"message":{"content":"x"},"done_reason":null}"#,
+            br#"{"message":{"content":"x"},"done_reason":"le\u006egth"}"#,
+            br#"{"message":{"content":"x","tool_calls":[{"function":{"name":"f","arguments":{"a":1}}}]},"done":true}"#,
+            br#"{"message":{"content":"x"},"eval_count":null}"#,
+            br#"{"message":{"content":"\ud800"}}"#,
+            br#"{"message":null}"#,
+        ];
+        for body in bodies {
+            let generated = !body.starts_with(b"{\"id\"");
+            let fast = translate_response(Operation::ChatCompletions, body, "m")
+                .map(|(b, u)| (crate::provider::common::comparable(&b, generated), u));
+            let value = reply_response(Operation::ChatCompletions, body, "m")
+                .map(|(b, u)| (crate::provider::common::comparable(&b, generated), u));
+            assert_eq!(fast.ok(), value.ok(), "{}", String::from_utf8_lossy(body));
+        }
     }
 }

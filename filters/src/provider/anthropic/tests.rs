@@ -1,6 +1,7 @@
 //! Golden tests against Anthropic's documented wire formats (fixtures in `filters/fixtures/anthropic`).
 
 use super::*;
+use crate::provider::common::comparable;
 use std::path::Path;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/anthropic");
@@ -232,5 +233,26 @@ data: {"type":"ping"}
             "{}",
             String::from_utf8_lossy(e)
         );
+    }
+}
+
+#[test]
+fn text_responses_are_written_as_the_value_path_writes_them() {
+    let fixture_body = fixture("response_tool_use.json");
+    let bodies: Vec<&[u8]> = vec![
+        br#"{"id":"msg_1","type":"message","content":[{"type":"text","text":"He said \"hi\"\n\u00e9\/"}],"stop_reason":"max_tokens","usage":{"input_tokens":4,"output_tokens":3,"cache_read_input_tokens":2,"cache_creation_input_tokens":1}}"#,
+        br#"{"content":[],"stop_reason":null}"#,
+        br#"{"id":"m","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}"#,
+        br#"{"id":"m","content":[{"type":"thinking","thinking":"t"},{"type":"text","text":"b"}]}"#,
+        br#"{"id":"m","content":[{"type":"other","text":"x"}],"stop_reason":"refusal"}"#,
+        br#"{"id":"m","content":[{"text":"x"}]}"#,
+        br#"{"id":"m","content":[{"type":"text","text":"x"}],"usage":{"input_tokens":1.5}}"#,
+        br#"{"id":"m","content":[{"type":"text","text":"x"}],"id":"n"}"#,
+        &fixture_body,
+    ];
+    for body in bodies {
+        let fast = translate_response(body, "m").map(|(b, u)| (comparable(&b, false), u));
+        let value = value_response(body, "m").map(|(b, u)| (comparable(&b, false), u));
+        assert_eq!(fast.ok(), value.ok(), "{}", String::from_utf8_lossy(body));
     }
 }

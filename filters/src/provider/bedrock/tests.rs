@@ -2,6 +2,7 @@
 //! AWS's published SigV4 test vectors, and event-stream frames built here with real CRCs.
 
 use super::*;
+use crate::provider::common::comparable;
 use std::path::Path;
 use std::time::Duration;
 
@@ -1031,4 +1032,24 @@ fn frequent_messages_are_written_as_the_value_path_writes_them() {
         n += 1;
     }
     assert!(n > 20);
+}
+
+#[test]
+fn text_responses_are_written_as_the_value_path_writes_them() {
+    let fixture_body = fixture("response_tool_use.json");
+    let bodies: Vec<&[u8]> = vec![
+        br#"{"output":{"message":{"role":"assistant","content":[{"text":"He said \"hi\"\n\u00e9\/"}]}},"stopReason":"max_tokens","usage":{"inputTokens":4,"outputTokens":3,"cacheReadInputTokens":2,"cacheWriteInputTokens":1}}"#,
+        br#"{"output":{"message":{"content":[]}},"stopReason":null}"#,
+        br#"{"output":{"message":{"content":[{"text":"a"},{"text":"b"}]}}}"#,
+        br#"{"output":{"message":{"content":[{"reasoningContent":{"reasoningText":{"text":"r"}}},{"text":"b"}]}}}"#,
+        br#"{"output":{"message":{}}}"#,
+        br#"{"output":{"message":{"content":[{"text":"x"}]}},"usage":{"inputTokens":null}}"#,
+        br#"{"output":{"message":{"content":[{"text":"x"}]}},"stopReason":"guardrail_intervened"}"#,
+        &fixture_body,
+    ];
+    for body in bodies {
+        let fast = translate_chat(body, "m").map(|(b, u)| (comparable(&b, true), u));
+        let value = value_chat(body, "m").map(|(b, u)| (comparable(&b, true), u));
+        assert_eq!(fast.ok(), value.ok(), "{}", String::from_utf8_lossy(body));
+    }
 }
