@@ -1291,10 +1291,39 @@ pub fn api_base(d: &Deployment, region: &str) -> String {
 
 type HmacSha256 = Hmac<Sha256>;
 
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(data);
-    mac.finalize().into_bytes().to_vec()
+    mac.finalize().into_bytes().into()
+}
+
+/// The SigV4 signing key for a secret, date (`YYYYMMDD`), region and service: four HMACs,
+/// the same for every request of a day, so each thread keeps the last one it derived.
+fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> [u8; 32] {
+    /// (secret, date, region, service) and their key.
+    type Derived = (String, String, String, String, [u8; 32]);
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<Derived>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((s, d, r, v, key)) = last.as_ref() {
+            if (s.as_str(), d.as_str(), r.as_str(), v.as_str()) == (secret, date, region, service) {
+                return *key;
+            }
+        }
+        let k_date = hmac(["AWS4", secret].concat().as_bytes(), date.as_bytes());
+        let k_region = hmac(&k_date, region.as_bytes());
+        let k_service = hmac(&k_region, service.as_bytes());
+        let key = hmac(&k_service, b"aws4_request");
+        *last = Some((
+            secret.into(),
+            date.into(),
+            region.into(),
+            service.into(),
+            key,
+        ));
+        key
+    })
 }
 
 /// `YYYYMMDDTHHMMSSZ` in UTC.
@@ -1450,25 +1479,31 @@ fn sign_v4(
     // The path as sent is already encoded once; non-S3 services encode it again here.
     let canonical_uri =
         utf8_percent_encode(&normalize_path(path), UNRESERVED_AND_SLASH).to_string();
-    let canonical_request = format!(
-        "{}\n{canonical_uri}\n{}\n{canonical_headers}\n{signed_headers}\n{payload_hash}",
-        req.method.to_ascii_uppercase(),
-        canonical_query(query),
-    );
+    // The canonical request is hashed as it is written, never held as one string.
+    let mut canonical_request = Sha256::new();
+    for part in [
+        req.method.to_ascii_uppercase().as_str(),
+        "\n",
+        &canonical_uri,
+        "\n",
+        &canonical_query(query),
+        "\n",
+        &canonical_headers,
+        "\n",
+        &signed_headers,
+        "\n",
+        &payload_hash,
+    ] {
+        canonical_request.update(part.as_bytes());
+    }
 
     let date = &amz_date[..8];
     let scope = format!("{date}/{region}/{service}/aws4_request");
     let string_to_sign = format!(
         "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-        hex(&Sha256::digest(canonical_request.as_bytes()))
+        hex(&canonical_request.finalize())
     );
-    let k_date = hmac(
-        format!("AWS4{}", creds.secret_access_key).as_bytes(),
-        date.as_bytes(),
-    );
-    let k_region = hmac(&k_date, region.as_bytes());
-    let k_service = hmac(&k_region, service.as_bytes());
-    let k_signing = hmac(&k_service, b"aws4_request");
+    let k_signing = signing_key(&creds.secret_access_key, date, region, service);
     let signature = hex(&hmac(&k_signing, string_to_sign.as_bytes()));
 
     added.push((

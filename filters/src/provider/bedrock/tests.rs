@@ -1053,3 +1053,29 @@ fn text_responses_are_written_as_the_value_path_writes_them() {
         assert_eq!(fast.ok(), value.ok(), "{}", String::from_utf8_lossy(body));
     }
 }
+
+#[test]
+fn signing_keys_are_reused_only_for_the_same_secret_date_region_and_service() {
+    let derive = |secret: &str, date: &str, region: &str, service: &str| {
+        let k = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
+        let k = hmac(&k, region.as_bytes());
+        let k = hmac(&k, service.as_bytes());
+        hmac(&k, b"aws4_request")
+    };
+    let cases = [
+        ("secret-a", "20250605", "us-east-1", "bedrock"),
+        ("secret-b", "20250605", "us-east-1", "bedrock"),
+        ("secret-a", "20250606", "us-east-1", "bedrock"),
+        ("secret-a", "20250606", "eu-west-1", "bedrock"),
+        ("secret-a", "20250606", "eu-west-1", "s3"),
+    ];
+    for round in 0..2 {
+        for (secret, date, region, service) in cases {
+            assert_eq!(
+                signing_key(secret, date, region, service),
+                derive(secret, date, region, service),
+                "{round}: {secret} {date} {region} {service}"
+            );
+        }
+    }
+}
