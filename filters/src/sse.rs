@@ -1,8 +1,6 @@
 //! Server-sent events: splitting a byte stream into complete events whatever the chunking, and
 //! reading an event's `event:` and `data:` fields.
 
-use memchr::memmem;
-
 /// Splits an SSE byte stream into complete events (each with its blank-line terminator),
 /// holding back only a trailing partial event.
 #[derive(Debug, Default)]
@@ -43,26 +41,37 @@ fn split(data: &[u8], on_event: &mut impl FnMut(&[u8])) -> usize {
     start
 }
 
-/// Length of the first complete event (including its blank-line terminator), if any.
+/// Length of the first complete event (including its blank-line terminator), if any: the
+/// end of the first `\n\n` or `\r\n\r\n`, whichever ends first. Found from newline to
+/// newline: a substring search would set up its searcher for every event.
 fn event_end(data: &[u8]) -> Option<usize> {
-    let lf = memmem::find(data, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(data, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    let mut from = 0;
+    while let Some(at) = memchr::memchr(b'\n', &data[from..]) {
+        let i = from + at;
+        match data.get(i + 1) {
+            Some(b'\n') => return Some(i + 2),
+            Some(b'\r') if i > 0 && data[i - 1] == b'\r' && data.get(i + 2) == Some(&b'\n') => {
+                return Some(i + 3)
+            }
+            _ => from = i + 1,
+        }
     }
+    None
 }
 
 fn field<'a>(event: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-    for line in event.split(|b| *b == b'\n') {
+    let mut rest = event;
+    loop {
+        let newline = memchr::memchr(b'\n', rest);
+        let line = &rest[..newline.unwrap_or(rest.len())];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(rest) = line.strip_prefix(name) {
             if let Some(rest) = rest.strip_prefix(b":") {
                 return Some(rest.strip_prefix(b" ").unwrap_or(rest));
             }
         }
+        rest = &rest[newline? + 1..];
     }
-    None
 }
 
 /// The payload of an event's `data:` line (single-line data is what LLM APIs send).
@@ -78,6 +87,26 @@ pub fn event_name(event: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_end_is_the_first_blank_line() {
+        let reference = |data: &[u8]| {
+            let lf = memchr::memmem::find(data, b"\n\n").map(|i| i + 2);
+            let crlf = memchr::memmem::find(data, b"\r\n\r\n").map(|i| i + 4);
+            match (lf, crlf) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
+        // Every string of up to 6 bytes over the bytes that matter.
+        let alphabet = [b'\n', b'\r', b'a'];
+        for len in 0..=6u32 {
+            for n in 0..3usize.pow(len) {
+                let data: Vec<u8> = (0..len).map(|i| alphabet[n / 3usize.pow(i) % 3]).collect();
+                assert_eq!(event_end(&data), reference(&data), "{data:?}");
+            }
+        }
+    }
 
     #[test]
     fn splits_any_chunking_and_reads_fields() {

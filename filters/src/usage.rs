@@ -1,6 +1,8 @@
 //! Token usage as OpenAI reports it, and the incremental SSE scanner that captures it from a
 //! stream without holding the stream back.
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
 use serde::Deserialize;
 
@@ -93,12 +95,18 @@ impl SseUsageScanner {
 
 /// Records usage; returns true when the event must be withheld from the client.
 fn inspect(event: &[u8], strip_usage_chunk: bool, usage: &mut Option<Usage>) -> bool {
-    if memmem::find(event, b"\"usage\"").is_none() {
+    // Built once: setting up a searcher costs more than searching one event.
+    static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+    if USAGE_KEY.find(event).is_none() {
         return false;
     }
     let Some(json) = event_data(event) else {
         return false;
     };
+    if ends_with_null_usage(json) {
+        return false;
+    }
     let Ok(parsed) = serde_json::from_slice::<WithUsage>(json) else {
         return false;
     };
@@ -107,6 +115,22 @@ fn inspect(event: &[u8], strip_usage_chunk: bool, usage: &mut Option<Usage>) -> 
         return strip_usage_chunk && parsed.choices.is_none_or(|c| c.is_empty());
     }
     false
+}
+
+/// Whether `json` ends with a last field `"usage":null` of its outermost object, as every chunk
+/// but the last does once usage is asked for: then nothing is recorded or withheld, whatever
+/// the rest holds, so it need not be parsed. (In valid JSON the final `}` closes the outermost
+/// object, and the quote after `,` or `{` is unescaped, so it opens the key; invalid JSON is
+/// not parsed into usage either.)
+fn ends_with_null_usage(json: &[u8]) -> bool {
+    let end = json
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+        .map_or(0, |i| i + 1);
+    json[..end]
+        .strip_suffix(b"\"usage\":null}")
+        .and_then(|rest| rest.last())
+        .is_some_and(|b| matches!(b, b',' | b'{'))
 }
 
 /// Usage read from a pass-through response whatever its shape: OpenAI's `usage`
@@ -267,6 +291,38 @@ data: [DONE]\n\n";
                 (u.prompt_tokens, u.completion_tokens, u.total_tokens),
                 (10, 42, 52)
             );
+        }
+    }
+
+    #[test]
+    fn null_usage_chunks_are_not_parsed_and_change_nothing() {
+        for (json, null_at_end) in [
+            (&br#"{"choices":[{"delta":{}}],"usage":null}"#[..], true),
+            (br#"{"usage":null} "#, true),
+            (
+                br#"{"choices":[],"usage":null,"usage":{"total_tokens":3}}"#,
+                false,
+            ),
+            (
+                br#"{"choices":[{"delta":{"content":"\"usage\":null}"}}]}"#,
+                false,
+            ),
+            (br#"{"choices":[],"usage": null}"#, false),
+            (br#"{"x":{"usage":null}}"#, false),
+            (br#"{"choices":[],"usage":{"total_tokens":3}}"#, false),
+        ] {
+            assert_eq!(ends_with_null_usage(json), null_at_end, "{json:?}");
+            // What the parse decides for the same event.
+            let mut parsed = None;
+            let event = [b"data: ", json, b"\n\n"].concat();
+            let withheld = serde_json::from_slice::<WithUsage>(json)
+                .ok()
+                .and_then(|w| w.usage.map(|u| (u, w.choices)));
+            if null_at_end {
+                assert!(withheld.is_none());
+                assert!(!inspect(&event, true, &mut parsed));
+                assert_eq!(parsed, None);
+            }
         }
     }
 

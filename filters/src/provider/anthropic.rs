@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, parse_field, read_messages, text, CachedUsage, ChunkWriter, InContent, InImageUrl,
-    InMessage, InPart, InTool, Text,
+    bad, now, object_fields, parse_field, plain_u64, read_messages, read_tools, scan_text_blocks,
+    single_text, string_text, text, utf8, write_text_completion, CachedUsage, ChunkWriter,
+    InContent, InImageUrl, InMessage, InPart, InTool, Text, TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -436,11 +437,7 @@ pub(super) fn build_request(
     };
     let user: Option<String> = parse_field(body, "user")?;
     let tools_len = body.raw("tools").map_or(0, str::len);
-    let in_tools: Vec<InTool> = match body.raw("tools") {
-        None | Some("null") => vec![],
-        Some(raw) => serde_json::from_str(raw)
-            .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools"))?,
-    };
+    let in_tools = read_tools(body.raw("tools"))?;
     let mut tools = convert_tools(&in_tools)?;
     let parallel: Option<bool> = parse_field(body, "parallel_tool_calls")?;
     let mut tool_choice = match parse_field::<Value>(body, "tool_choice")? {
@@ -660,6 +657,70 @@ pub(super) fn translate_response(
     body: &[u8],
     model: &str,
 ) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    if let Some(translated) = text_response(body, model) {
+        return Ok(translated);
+    }
+    value_response(body, model)
+}
+
+/// A response of text blocks only, with plain token counts, read with the body's scanner and
+/// written directly, the answer's token copied through. `None` leaves the response to
+/// [`value_response`]: tool use, thinking, several blocks, anything unusual.
+fn text_response(body: &[u8], model: &str) -> Option<(Vec<u8>, Option<Usage>)> {
+    let src = utf8(body)?;
+    let (mut id, mut content, mut stop_reason, mut usage) = (None, None, None, None);
+    object_fields(src, |key, value, escaped| match key {
+        "id" => {
+            id = Some(string_text(value, escaped)?);
+            Some(1)
+        }
+        "content" => {
+            content = Some(value);
+            Some(2)
+        }
+        "stop_reason" if value == "null" => Some(4),
+        "stop_reason" if !escaped && value.starts_with('"') => {
+            stop_reason = Some(&value[1..value.len() - 1]);
+            Some(4)
+        }
+        "stop_reason" => None,
+        "usage" => {
+            usage = Some(value);
+            Some(8)
+        }
+        _ => Some(0),
+    })?;
+    let text = match content {
+        Some(blocks) => single_text(scan_text_blocks(blocks, true)?)?,
+        None => Text::Str(Cow::Borrowed("")),
+    };
+    let mut u = AnthropicUsage::default();
+    if let Some(usage) = usage {
+        object_fields(usage, |key, value, _| {
+            let (slot, bit) = match key {
+                "input_tokens" => (&mut u.input_tokens, 1),
+                "output_tokens" => (&mut u.output_tokens, 2),
+                "cache_creation_input_tokens" => (&mut u.cache_creation_input_tokens, 4),
+                "cache_read_input_tokens" => (&mut u.cache_read_input_tokens, 8),
+                _ => return Some(0),
+            };
+            *slot = plain_u64(value)?;
+            Some(bit)
+        })?;
+    }
+    let choice = TextChoice {
+        index: 0,
+        content: text,
+        finish_reason: finish_reason(stop_reason, false),
+    };
+    let id = id.unwrap_or(Text::Str(Cow::Borrowed("")));
+    let mut out = Vec::with_capacity(body.len() + 256);
+    write_text_completion(&mut out, &id, model, &[choice], &u.openai());
+    Some((out, Some(u.usage())))
+}
+
+/// [`translate_response`] for any response, read into `serde_json::Value`s.
+fn value_response(body: &[u8], model: &str) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
     #[derive(Deserialize)]
     struct Message {
         #[serde(default)]
@@ -784,6 +845,81 @@ impl AnthropicStream {
         let Some(data) = event_data(event) else {
             return;
         };
+        if self.frequent_event(data, out).is_some() {
+            return;
+        }
+        self.event_value(data, out);
+    }
+
+    /// Content deltas (most of a stream) and the events that send nothing, read with the
+    /// body's scanner and written directly instead of through a `Value` per event. `None`,
+    /// with nothing written, leaves the event to [`Self::event_value`]: any other event, and
+    /// anything unusual (see [`object_fields`]).
+    fn frequent_event(&mut self, data: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        let src = utf8(data)?;
+        let (mut kind, mut index, mut delta) = (None, None, None);
+        object_fields(src, |key, value, escaped| match key {
+            "type" => {
+                kind = Some(value).filter(|_| !escaped);
+                Some(1)
+            }
+            "index" => {
+                index = Some(value);
+                Some(2)
+            }
+            "delta" => {
+                delta = Some(value);
+                Some(4)
+            }
+            _ => Some(0),
+        })?;
+        match kind? {
+            "\"content_block_delta\"" => {}
+            "\"ping\"" | "\"content_block_stop\"" => return Some(()),
+            _ => return None,
+        }
+        let index = index.map_or(Some(0), plain_u64)?;
+        let (mut delta_kind, mut text, mut thinking, mut partial) = (None, None, None, None);
+        object_fields(delta?, |key, value, escaped| {
+            let (slot, bit) = match key {
+                "type" => (&mut delta_kind, 1),
+                "text" => (&mut text, 2),
+                "thinking" => (&mut thinking, 4),
+                "partial_json" => (&mut partial, 8),
+                _ => return Some(0),
+            };
+            *slot = string_text(value, escaped).map(|t| (t, value));
+            Some(bit)
+        })?;
+        let (_, delta_kind) = delta_kind?;
+        match delta_kind {
+            "\"text_delta\"" => self.writer.text_delta(out, "content", &text?.0),
+            "\"thinking_delta\"" => self
+                .writer
+                .text_delta(out, "reasoning_content", &thinking?.0),
+            "\"input_json_delta\"" => {
+                let (partial, token) = partial?;
+                match self
+                    .blocks
+                    .iter()
+                    .find(|(i, _)| *i == index)
+                    .map(|(_, c)| *c)
+                {
+                    Some(Some(call)) => self.writer.arguments_delta(out, call, &partial),
+                    // The JSON-answer tool: its input is the message content.
+                    Some(None) if token != "\"\"" => {
+                        self.writer.text_delta(out, "content", &partial)
+                    }
+                    _ => {}
+                }
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// Any event, read into a `serde_json::Value`.
+    fn event_value(&mut self, data: &[u8], out: &mut Vec<u8>) {
         let Ok(v) = serde_json::from_slice::<Value>(data) else {
             return;
         };

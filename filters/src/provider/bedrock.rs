@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, parse_field, read_messages, text, CachedUsage, ChunkWriter, InContent, InImageUrl,
-    InMessage, InPart, InTool, Text,
+    bad, now, object_fields, parse_field, plain_u64, read_messages, read_tools, scan_path,
+    scan_text_blocks, single_text, string_text, text, utf8, write_text_completion, CachedUsage,
+    ChunkWriter, InContent, InImageUrl, InMessage, InPart, InTool, Text, TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -663,11 +664,7 @@ fn build_chat(
     };
 
     let tools_len = body.raw("tools").map_or(0, str::len);
-    let in_tools: Vec<InTool> = match body.raw("tools") {
-        None | Some("null") => vec![],
-        Some(raw) => serde_json::from_str(raw)
-            .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools"))?,
-    };
+    let in_tools = read_tools(body.raw("tools"))?;
     let mut tools = convert_tools(&in_tools)?;
     let mut tool_choice = match parse_field::<Value>(body, "tool_choice")? {
         Some(c) => convert_tool_choice(c)?,
@@ -980,6 +977,64 @@ pub(super) fn translate_response(
 }
 
 fn translate_chat(body: &[u8], model: &str) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    if let Some(translated) = text_chat(body, model) {
+        return Ok(translated);
+    }
+    value_chat(body, model)
+}
+
+/// A Converse response of text blocks only, with plain token counts, read with the body's
+/// scanner and written directly, the answer's token copied through. `None` leaves the response
+/// to [`value_chat`]: tool use, reasoning, several blocks, anything unusual.
+fn text_chat(body: &[u8], model: &str) -> Option<(Vec<u8>, Option<Usage>)> {
+    let src = utf8(body)?;
+    let (mut output, mut stop_reason, mut usage) = (None, None, None);
+    object_fields(src, |key, value, escaped| match key {
+        "output" => {
+            output = Some(value);
+            Some(1)
+        }
+        "stopReason" if value == "null" => Some(2),
+        "stopReason" if !escaped && value.starts_with('"') => {
+            stop_reason = Some(&value[1..value.len() - 1]);
+            Some(2)
+        }
+        "stopReason" => None,
+        "usage" => {
+            usage = Some(value);
+            Some(4)
+        }
+        _ => Some(0),
+    })?;
+    let (content, _) = scan_path(output?, &["message", "content"])?;
+    let text = single_text(scan_text_blocks(content, false)?)?;
+    let mut u = BedrockUsage::default();
+    if let Some(usage) = usage {
+        object_fields(usage, |key, value, _| {
+            let (slot, bit) = match key {
+                "inputTokens" => (&mut u.input_tokens, 1),
+                "outputTokens" => (&mut u.output_tokens, 2),
+                "cacheReadInputTokens" => (&mut u.cache_read_input_tokens, 4),
+                "cacheWriteInputTokens" => (&mut u.cache_write_input_tokens, 8),
+                _ => return Some(0),
+            };
+            *slot = plain_u64(value)?;
+            Some(bit)
+        })?;
+    }
+    let choice = TextChoice {
+        index: 0,
+        content: text,
+        finish_reason: finish_reason(stop_reason, false),
+    };
+    let id = Text::Str(Cow::Owned(completion_id()));
+    let mut out = Vec::with_capacity(body.len() + 256);
+    write_text_completion(&mut out, &id, model, &[choice], &u.openai());
+    Some((out, Some(u.usage())))
+}
+
+/// [`translate_chat`] for any response, its blocks read into `serde_json::Value`s.
+fn value_chat(body: &[u8], model: &str) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Response {
@@ -1236,10 +1291,39 @@ pub fn api_base(d: &Deployment, region: &str) -> String {
 
 type HmacSha256 = Hmac<Sha256>;
 
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(data);
-    mac.finalize().into_bytes().to_vec()
+    mac.finalize().into_bytes().into()
+}
+
+/// The SigV4 signing key for a secret, date (`YYYYMMDD`), region and service: four HMACs,
+/// the same for every request of a day, so each thread keeps the last one it derived.
+fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> [u8; 32] {
+    /// (secret, date, region, service) and their key.
+    type Derived = (String, String, String, String, [u8; 32]);
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<Derived>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((s, d, r, v, key)) = last.as_ref() {
+            if (s.as_str(), d.as_str(), r.as_str(), v.as_str()) == (secret, date, region, service) {
+                return *key;
+            }
+        }
+        let k_date = hmac(["AWS4", secret].concat().as_bytes(), date.as_bytes());
+        let k_region = hmac(&k_date, region.as_bytes());
+        let k_service = hmac(&k_region, service.as_bytes());
+        let key = hmac(&k_service, b"aws4_request");
+        *last = Some((
+            secret.into(),
+            date.into(),
+            region.into(),
+            service.into(),
+            key,
+        ));
+        key
+    })
 }
 
 /// `YYYYMMDDTHHMMSSZ` in UTC.
@@ -1395,25 +1479,31 @@ fn sign_v4(
     // The path as sent is already encoded once; non-S3 services encode it again here.
     let canonical_uri =
         utf8_percent_encode(&normalize_path(path), UNRESERVED_AND_SLASH).to_string();
-    let canonical_request = format!(
-        "{}\n{canonical_uri}\n{}\n{canonical_headers}\n{signed_headers}\n{payload_hash}",
-        req.method.to_ascii_uppercase(),
-        canonical_query(query),
-    );
+    // The canonical request is hashed as it is written, never held as one string.
+    let mut canonical_request = Sha256::new();
+    for part in [
+        req.method.to_ascii_uppercase().as_str(),
+        "\n",
+        &canonical_uri,
+        "\n",
+        &canonical_query(query),
+        "\n",
+        &canonical_headers,
+        "\n",
+        &signed_headers,
+        "\n",
+        &payload_hash,
+    ] {
+        canonical_request.update(part.as_bytes());
+    }
 
     let date = &amz_date[..8];
     let scope = format!("{date}/{region}/{service}/aws4_request");
     let string_to_sign = format!(
         "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-        hex(&Sha256::digest(canonical_request.as_bytes()))
+        hex(&canonical_request.finalize())
     );
-    let k_date = hmac(
-        format!("AWS4{}", creds.secret_access_key).as_bytes(),
-        date.as_bytes(),
-    );
-    let k_region = hmac(&k_date, region.as_bytes());
-    let k_service = hmac(&k_region, service.as_bytes());
-    let k_signing = hmac(&k_service, b"aws4_request");
+    let k_signing = signing_key(&creds.secret_access_key, date, region, service);
     let signature = hex(&hmac(&k_signing, string_to_sign.as_bytes()));
 
     added.push((
@@ -1533,21 +1623,42 @@ impl EventStreamDecoder {
     /// The next complete message, an error (after which the decoder yields nothing more), or
     /// `None` when more input is needed.
     pub fn next_message(&mut self) -> Option<Result<EventMessage, EventStreamError>> {
+        let at = match self.next_frame()? {
+            Ok(at) => at,
+            Err(e) => return Some(Err(e)),
+        };
+        let frame = self.frame(&at);
+        let message = EventMessage {
+            headers: parse_headers(frame.headers).expect("headers checked when decoded"),
+            payload: frame.payload.to_vec(),
+        };
+        self.consume(&at);
+        Some(Ok(message))
+    }
+
+    /// Where the next complete message lies in the buffer ([`Self::frame`] reads it,
+    /// [`Self::consume`] drops it), as [`Self::next_message`] finds it, without copying it.
+    fn next_frame(&mut self) -> Option<Result<FrameAt, EventStreamError>> {
         if self.failed || self.buf.len() < 12 {
             return None;
         }
         let r = self.decode();
-        match &r {
-            Some(Err(_)) => {
-                self.failed = true;
-                self.buf.clear();
-            }
-            Some(Ok((_, len))) => {
-                self.buf.drain(..*len);
-            }
-            None => {}
+        if let Some(Err(_)) = &r {
+            self.failed = true;
+            self.buf.clear();
         }
-        r.map(|r| r.map(|(m, _)| m))
+        r
+    }
+
+    fn frame(&self, at: &FrameAt) -> Frame<'_> {
+        Frame {
+            headers: &self.buf[at.headers.clone()],
+            payload: &self.buf[at.payload.clone()],
+        }
+    }
+
+    fn consume(&mut self, at: &FrameAt) {
+        self.buf.drain(..at.len);
     }
 
     /// Checks that the stream did not end inside a message.
@@ -1558,7 +1669,7 @@ impl EventStreamDecoder {
         }
     }
 
-    fn decode(&self) -> Option<Result<(EventMessage, usize), EventStreamError>> {
+    fn decode(&self) -> Option<Result<FrameAt, EventStreamError>> {
         let b = &self.buf;
         let total = be_u32(&b[0..4]);
         let headers_len = be_u32(&b[4..8]) as usize;
@@ -1576,16 +1687,60 @@ impl EventStreamDecoder {
         if crc32fast::hash(&b[..len - 4]) != be_u32(&b[len - 4..len]) {
             return Some(Err(EventStreamError::MessageCrc));
         }
-        let headers = match parse_headers(&b[12..12 + headers_len]) {
-            Ok(h) => h,
-            Err(e) => return Some(Err(e)),
-        };
-        let payload = b[12 + headers_len..len - 4].to_vec();
-        Some(Ok((EventMessage { headers, payload }, len)))
+        let headers = 12..12 + headers_len;
+        if let Err(e) = for_each_header(&b[headers.clone()], |_, _| {}) {
+            return Some(Err(e));
+        }
+        Some(Ok(FrameAt {
+            headers,
+            payload: 12 + headers_len..len - 4,
+            len,
+        }))
     }
 }
 
-fn parse_headers(mut b: &[u8]) -> Result<Vec<(String, String)>, EventStreamError> {
+/// A decoded message's place in the decoder's buffer.
+struct FrameAt {
+    headers: std::ops::Range<usize>,
+    payload: std::ops::Range<usize>,
+    len: usize,
+}
+
+/// A decoded message borrowed from the decoder's buffer: its header block (checked) and its
+/// payload.
+struct Frame<'a> {
+    headers: &'a [u8],
+    payload: &'a [u8],
+}
+
+impl<'a> Frame<'a> {
+    /// The first string header called `name`, as [`EventMessage::header`] finds it.
+    fn header(&self, name: &str) -> Option<&'a str> {
+        let mut found = None;
+        // The block was checked when the message was decoded: this walk cannot fail.
+        let _ = for_each_header(self.headers, |n, value| {
+            if found.is_none() && n == name {
+                found = Some(value);
+            }
+        });
+        found
+    }
+}
+
+fn parse_headers(b: &[u8]) -> Result<Vec<(String, String)>, EventStreamError> {
+    let mut out = vec![];
+    for_each_header(b, |name, value| {
+        out.push((name.to_string(), value.to_string()))
+    })?;
+    Ok(out)
+}
+
+/// Walks a header block, handing each string header (name, value) to `string`; other value
+/// types are checked and skipped.
+fn for_each_header<'a>(
+    mut b: &'a [u8],
+    mut string: impl FnMut(&'a str, &'a str),
+) -> Result<(), EventStreamError> {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], EventStreamError> {
         if b.len() < n {
             return Err(EventStreamError::BadHeader("runs past the header block"));
@@ -1594,15 +1749,13 @@ fn parse_headers(mut b: &[u8]) -> Result<Vec<(String, String)>, EventStreamError
         *b = rest;
         Ok(head)
     }
-    let mut out = vec![];
     while !b.is_empty() {
         let name_len = take(&mut b, 1)?[0] as usize;
         if name_len == 0 {
             return Err(EventStreamError::BadHeader("empty name"));
         }
         let name = std::str::from_utf8(take(&mut b, name_len)?)
-            .map_err(|_| EventStreamError::BadHeader("name is not UTF-8"))?
-            .to_string();
+            .map_err(|_| EventStreamError::BadHeader("name is not UTF-8"))?;
         let kind = take(&mut b, 1)?[0];
         match kind {
             // bool true, bool false: no value.
@@ -1632,13 +1785,13 @@ fn parse_headers(mut b: &[u8]) -> Result<Vec<(String, String)>, EventStreamError
                 if kind == 7 {
                     let value = std::str::from_utf8(value)
                         .map_err(|_| EventStreamError::BadHeader("string is not UTF-8"))?;
-                    out.push((name, value.to_string()));
+                    string(name, value);
                 }
             }
             _ => return Err(EventStreamError::BadHeader("unknown value type")),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1683,11 +1836,17 @@ impl BedrockStream {
         if self.finished {
             return;
         }
-        self.decoder.feed(chunk);
-        while let Some(message) = self.decoder.next_message() {
-            match message {
-                Ok(m) => self.message(&m, out),
+        // The decoder is moved out while its messages, borrowed from its buffer, are handled.
+        let mut decoder = std::mem::take(&mut self.decoder);
+        decoder.feed(chunk);
+        while let Some(frame) = decoder.next_frame() {
+            match frame {
+                Ok(at) => {
+                    self.message(&decoder.frame(&at), out);
+                    decoder.consume(&at);
+                }
                 Err(e) => {
+                    self.decoder = decoder;
                     self.error(
                         "internal_server_error",
                         "502",
@@ -1698,6 +1857,7 @@ impl BedrockStream {
                 }
             }
         }
+        self.decoder = decoder;
     }
 
     pub fn finish(&mut self, out: &mut Vec<u8>) {
@@ -1727,8 +1887,82 @@ impl BedrockStream {
         self.writer.delta(out, 0, &delta, finish);
     }
 
-    fn message(&mut self, m: &EventMessage, out: &mut Vec<u8>) {
-        let payload: Value = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+    fn message(&mut self, m: &Frame, out: &mut Vec<u8>) {
+        if self.frequent_message(m, out).is_some() {
+            return;
+        }
+        self.message_value(m, out);
+    }
+
+    /// Content deltas (most of a stream) read with the body's scanner and written directly
+    /// instead of through a `Value` per event, and the events that send nothing (their payload
+    /// unread). `None`, with nothing written, leaves the message to [`Self::message_value`]:
+    /// exceptions, errors, the other events and anything unusual (see [`object_fields`]).
+    fn frequent_message(&mut self, m: &Frame, out: &mut Vec<u8>) -> Option<()> {
+        if let Some("exception" | "error") = m.header(":message-type") {
+            return None;
+        }
+        match m.header(":event-type") {
+            Some("contentBlockDelta") => {}
+            Some("messageStart" | "contentBlockStart" | "messageStop" | "metadata") => return None,
+            _ => return Some(()),
+        }
+        let src = utf8(m.payload)?;
+        let (mut index, mut delta) = (None, None);
+        object_fields(src, |key, value, _| match key {
+            "contentBlockIndex" => {
+                index = Some(value);
+                Some(1)
+            }
+            "delta" => {
+                delta = Some(value);
+                Some(2)
+            }
+            _ => Some(0),
+        })?;
+        let index = index.map_or(Some(0), plain_u64)?;
+        let (mut text, mut reasoning, mut tool_use) = (None, None, None);
+        object_fields(delta?, |key, value, escaped| match key {
+            "text" => {
+                text = Some((value, escaped));
+                Some(1)
+            }
+            "reasoningContent" => {
+                reasoning = Some(value);
+                Some(2)
+            }
+            "toolUse" => {
+                tool_use = Some(value);
+                Some(4)
+            }
+            _ => Some(0),
+        })?;
+        if let Some((text, escaped)) = text {
+            self.writer
+                .text_delta(out, "content", &string_text(text, escaped)?);
+        } else if reasoning.is_some() {
+            return None;
+        } else if let Some(tool_use) = tool_use {
+            let (token, escaped) = scan_path(tool_use, &["input"])?;
+            let partial = string_text(token, escaped)?;
+            match self
+                .blocks
+                .iter()
+                .find(|(i, _)| *i == index)
+                .map(|(_, c)| *c)
+            {
+                Some(Some(call)) => self.writer.arguments_delta(out, call, &partial),
+                // The JSON-answer tool: its input is the message content.
+                Some(None) if token != "\"\"" => self.writer.text_delta(out, "content", &partial),
+                _ => {}
+            }
+        }
+        Some(())
+    }
+
+    /// Any message, its payload read into a `serde_json::Value`.
+    fn message_value(&mut self, m: &Frame, out: &mut Vec<u8>) {
+        let payload: Value = serde_json::from_slice(m.payload).unwrap_or(Value::Null);
         match m.header(":message-type") {
             Some("exception") => {
                 let kind = m.header(":exception-type").unwrap_or("exception");

@@ -4,7 +4,10 @@
 use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
-use super::common::{bearer_request, now, raw_value, usage_json, ChunkWriter};
+use super::common::{
+    bearer_request, now, object_fields, plain_u64, raw_value, scan_path, scan_text_blocks,
+    single_text, string_text, usage_json, utf8, write_text_completion, ChunkWriter, TextChoice,
+};
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
 use crate::error::ApiError;
@@ -168,6 +171,80 @@ pub(super) fn translate_response(
     body: &[u8],
     model: &str,
 ) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    if op == Operation::ChatCompletions {
+        if let Some(translated) = text_chat(body, model) {
+            return Ok(translated);
+        }
+    }
+    value_response(op, body, model)
+}
+
+/// A chat response of text parts only, with plain token counts, read with the body's scanner
+/// and written directly, the answer's token copied through. `None` leaves the response to
+/// [`value_response`]: tool calls, several parts, anything unusual.
+fn text_chat(body: &[u8], model: &str) -> Option<(Vec<u8>, Option<Usage>)> {
+    let src = utf8(body)?;
+    let (mut id, mut message, mut finish, mut usage) = (None, None, None, None);
+    object_fields(src, |key, value, escaped| match key {
+        "id" => {
+            id = Some(string_text(value, escaped)?);
+            Some(1)
+        }
+        "message" => {
+            message = Some(value);
+            Some(2)
+        }
+        "finish_reason" if !escaped && value.starts_with('"') => {
+            finish = Some(&value[1..value.len() - 1]);
+            Some(4)
+        }
+        "finish_reason" => None,
+        "usage" => {
+            usage = Some(value);
+            Some(8)
+        }
+        _ => Some(0),
+    })?;
+    let mut content = None;
+    object_fields(message?, |key, value, _| match key {
+        "content" => {
+            content = Some(value);
+            Some(1)
+        }
+        "tool_calls" => None,
+        _ => Some(0),
+    })?;
+    let text = single_text(scan_text_blocks(content?, false)?)?;
+    // Counts as `usage_from` reads them: `tokens` (here always present), as integers that an
+    // f64 holds exactly.
+    let (tokens, _) = scan_path(usage?, &["tokens"])?;
+    let mut usage = Usage::default();
+    object_fields(tokens, |key, value, _| {
+        let slot = match key {
+            "input_tokens" => &mut usage.prompt_tokens,
+            "output_tokens" => &mut usage.completion_tokens,
+            _ => return Some(0),
+        };
+        *slot = plain_u64(value).filter(|n| *n < 1 << 53)?;
+        Some(if key == "input_tokens" { 1 } else { 2 })
+    })?;
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    let choice = TextChoice {
+        index: 0,
+        content: text,
+        finish_reason: finish_reason(finish),
+    };
+    let mut out = Vec::with_capacity(body.len() + 256);
+    write_text_completion(&mut out, &id?, model, &[choice], &usage_json(&usage));
+    Some((out, Some(usage)))
+}
+
+/// [`translate_response`] for any response, read into a `serde_json::Value`.
+fn value_response(
+    op: Operation,
+    body: &[u8],
+    model: &str,
+) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             502,
@@ -281,6 +358,52 @@ impl CohereStream {
         let Some(data) = event_data(event) else {
             return;
         };
+        if self.frequent_event(data, out).is_some() {
+            return;
+        }
+        self.event_value(data, out);
+    }
+
+    /// Content and tool-argument deltas (most of a stream) and the events that send nothing,
+    /// read with the body's scanner and written directly instead of through a `Value` per
+    /// event. `None`, with nothing written, leaves the event to [`Self::event_value`]: any
+    /// other event, and anything unusual (see [`object_fields`]).
+    fn frequent_event(&mut self, data: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        let src = utf8(data)?;
+        let (mut kind, mut delta) = (None, None);
+        object_fields(src, |key, value, escaped| match key {
+            "type" => {
+                kind = Some(value).filter(|_| !escaped);
+                Some(1)
+            }
+            "delta" => {
+                delta = Some(value);
+                Some(2)
+            }
+            _ => Some(0),
+        })?;
+        match kind? {
+            "\"content-delta\"" => {
+                let (text, escaped) = scan_path(delta?, &["message", "content", "text"])?;
+                self.writer
+                    .text_delta(out, "content", &string_text(text, escaped)?);
+            }
+            "\"tool-call-delta\"" => {
+                let path = ["message", "tool_calls", "function", "arguments"];
+                let (arguments, escaped) = scan_path(delta?, &path)?;
+                let arguments = string_text(arguments, escaped)?;
+                self.writer
+                    .arguments_delta(out, self.tool_index, &arguments);
+            }
+            "\"tool-call-end\"" => self.tool_index += 1,
+            "\"content-start\"" | "\"content-end\"" => {}
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// Any event, read into a `serde_json::Value`.
+    fn event_value(&mut self, data: &[u8], out: &mut Vec<u8>) {
         let Ok(v) = serde_json::from_slice::<Value>(data) else {
             return;
         };
@@ -424,6 +547,78 @@ mod tests {
             assert!(text.contains("\"finish_reason\":\"stop\""));
             assert!(text.contains("\"total_tokens\":71"));
             assert!(text.ends_with("data: [DONE]\n\n"));
+        }
+    }
+
+    #[test]
+    fn frequent_events_are_written_as_the_value_path_writes_them() {
+        let input = br#"data: {"id":"29f14a5a","type":"message-start","delta":{"message":{"role":"assistant","content":[]}}}
+
+data: {"type":"content-start","index":0,"delta":{"message":{"content":{"type":"text","text":""}}}}
+
+data: {"type":"content-delta","index":0,"delta":{"message":{"content":{"text":"He said \"hi\"\n\u00e9\/"}}}}
+
+data: {"type":"content-delta","index":0,"delta":{"message":{"content":{"text":7}}}}
+
+data: {"type":"content-delta","index":0,"delta":{"message":{"content":[{"text":"x"}]}}}
+
+data: {"type":"content-delta","index":0,"delta":{"message":{"content":{"text":"a","text":"b"}}}}
+
+data: {"type":"content-end","index":0}
+
+data: {"type":"tool-call-start","index":0,"delta":{"message":{"tool_calls":{"id":"c1","type":"function","function":{"name":"f","arguments":""}}}}}
+
+data: {"type":"tool-call-delta","index":0,"delta":{"message":{"tool_calls":{"function":{"arguments":"{\"a\": 1"}}}}}
+
+data: {"type":"tool-call-delta","index":0,"delta":{"message":{"tool_calls":{"function":{"arguments":"}"}}}}}
+
+data: {"type":"tool-call-end","index":0}
+
+data: {"type":"tool-call-delta","index":1,"delta":{"message":{"tool_calls":{"function":{}}}}}
+
+data: {"type":"content-delta","delta":{"message":{"content":{"text":"z"}}}} ]
+
+data: {"type":"message-end","delta":{"finish_reason":"TOOL_CALL","usage":{"billed_units":{"input_tokens":3,"output_tokens":2},"tokens":{"input_tokens":69,"output_tokens":2}}}}
+
+"#;
+        let mut fast = CohereStream::new("m", true);
+        let mut value = CohereStream::new("m", true);
+        value.created = fast.created;
+        value.writer = fast.writer.clone();
+        let mut events = vec![];
+        SseSplitter::default().feed(input, |e| events.push(e.to_vec()));
+        assert_eq!(events.len(), 14);
+        for e in &events {
+            let (mut a, mut b) = (vec![], vec![]);
+            fast.event(e, &mut a);
+            value.event_value(event_data(e).unwrap(), &mut b);
+            assert_eq!(
+                String::from_utf8_lossy(&a),
+                String::from_utf8_lossy(&b),
+                "{}",
+                String::from_utf8_lossy(e)
+            );
+        }
+        assert_eq!(fast.tool_index, value.tool_index);
+    }
+
+    #[test]
+    fn text_responses_are_written_as_the_value_path_writes_them() {
+        let bodies: Vec<&[u8]> = vec![
+            br#"{"id":"c1","finish_reason":"MAX_TOKENS","message":{"role":"assistant","content":[{"type":"text","text":"He said \"hi\"\n\u00e9\/"}]},"usage":{"billed_units":{"input_tokens":5,"output_tokens":2},"tokens":{"input_tokens":71,"output_tokens":2}}}"#,
+            br#"{"id":"c1","message":{"content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},"usage":{"tokens":{}}}"#,
+            br#"{"id":"c1","message":{"content":[{"type":"text","text":"a"}],"tool_calls":[]},"usage":{"tokens":{}}}"#,
+            br#"{"id":"c1","message":{"content":[{"type":"text","text":"a"}]},"usage":{"billed_units":{"input_tokens":5}}}"#,
+            br#"{"id":"c1","message":{"content":[{"type":"text","text":"a"}]},"usage":{"tokens":{"input_tokens":5.0}}}"#,
+            br#"{"message":{"content":[{"type":"text","text":"a"}]},"usage":{"tokens":{}}}"#,
+        ];
+        for body in bodies {
+            let generated = !body.starts_with(b"{\"id\"");
+            let fast = translate_response(Operation::ChatCompletions, body, "m")
+                .map(|(b, u)| (crate::provider::common::comparable(&b, generated), u));
+            let value = value_response(Operation::ChatCompletions, body, "m")
+                .map(|(b, u)| (crate::provider::common::comparable(&b, generated), u));
+            assert_eq!(fast.ok(), value.ok(), "{}", String::from_utf8_lossy(body));
         }
     }
 }

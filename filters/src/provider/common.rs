@@ -250,24 +250,7 @@ pub(super) fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
 /// A `tool_calls` list (`src`, its JSON text) read in one pass with the body's scanner, as
 /// serde reads [`InToolCall`]s; `None` (serde decides) for anything unusual.
 pub(super) fn scan_tool_calls(src: &str) -> Option<Vec<InToolCall<'_>>> {
-    let mut s = Scanner::new(src.as_bytes());
-    s.ws();
-    s.eat(b'[').then_some(())?;
-    s.ws();
-    let mut out = Vec::with_capacity(1);
-    if !s.eat(b']') {
-        loop {
-            out.push(scan_tool_call(&mut s, src)?);
-            s.ws();
-            if s.eat(b']') {
-                break;
-            }
-            s.eat(b',').then_some(())?;
-            s.ws();
-        }
-    }
-    s.ws();
-    (s.pos() == src.len()).then_some(out)
+    scan_array(src, scan_tool_call)
 }
 
 /// An object at the scanner, each field handed to `field` (key without quotes, value token,
@@ -355,10 +338,16 @@ fn scan_function(src: &str) -> Option<InFunction<'_>> {
 fn unescape(token: &str) -> Option<String> {
     let bytes = &token.as_bytes()[1..token.len() - 1];
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(at) = memchr::memchr(b'\\', &bytes[i..]) {
-        out.extend_from_slice(&bytes[i..i + at]);
-        let c = match bytes.get(i + at + 1)? {
+    // Escapes come close together in the strings that have them (JSON in a string): a byte
+    // loop costs less than a search call per escape.
+    let (mut i, mut run) = (0, 0);
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        out.extend_from_slice(&bytes[run..i]);
+        let c = match bytes.get(i + 1)? {
             b'"' => b'"',
             b'\\' => b'\\',
             b'/' => b'/',
@@ -370,11 +359,108 @@ fn unescape(token: &str) -> Option<String> {
             _ => return serde_json::from_str(token).ok(),
         };
         out.push(c);
-        i += at + 2;
+        i += 2;
+        run = i;
     }
-    out.extend_from_slice(&bytes[i..]);
+    out.extend_from_slice(&bytes[run..]);
     // Valid UTF-8: escapes were replaced by ASCII between whole characters.
     String::from_utf8(out).ok()
+}
+
+/// The fields of one JSON object (`src`, nothing but whitespace around it), read with the body's
+/// scanner as [`scan_fields`] reads them. For stream events: `None` where the scanner does not
+/// decide (malformed JSON, a key with escapes, a repeated field, deep nesting), and the caller
+/// then leaves the event to serde_json, which decides exactly as before.
+pub(super) fn object_fields<'a>(
+    src: &'a str,
+    field: impl FnMut(&'a str, &'a str, bool) -> Option<u8>,
+) -> Option<()> {
+    let mut s = Scanner::new(src.as_bytes());
+    s.ws();
+    scan_fields(&mut s, src, field)?;
+    s.ws();
+    (s.pos() == src.len()).then_some(())
+}
+
+/// `bytes` as text when they are valid UTF-8. Stream events are nearly always ASCII, which is
+/// checked many bytes at a time, faster than the full validation.
+pub(super) fn utf8(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8.
+        return Some(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
+    std::str::from_utf8(bytes).ok()
+}
+
+/// The token at `path` (keys of nested objects) in the JSON object `src`, with whether it is a
+/// string with escapes. `None` when a key is missing, a value on the way is not an object, or
+/// [`object_fields`] does not decide.
+pub(super) fn scan_path<'a>(src: &'a str, path: &[&str]) -> Option<(&'a str, bool)> {
+    let mut found = (src, false);
+    for key in path {
+        let mut hit = None;
+        object_fields(found.0, |k, value, escaped| {
+            if k != *key {
+                return Some(0);
+            }
+            hit = Some((value, escaped));
+            Some(1)
+        })?;
+        found = hit?;
+    }
+    Some(found)
+}
+
+/// A number token that is a plain non-negative integer, as `Value::as_u64` reads it; `None`
+/// for anything else (fractions, exponents, signs, overflow).
+pub(super) fn plain_u64(token: &str) -> Option<u64> {
+    if token.bytes().all(|b| b.is_ascii_digit()) {
+        token.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// A string token (`escaped`: it has escapes) to write out as serde_json writes its string:
+/// copied through unless an escape is one serde_json writes differently. `None` for a token
+/// that is not a string.
+pub(super) fn string_text(token: &str, escaped: bool) -> Option<Text<'_>> {
+    if !token.starts_with('"') {
+        return None;
+    }
+    if !escaped || canonical_escapes(token.as_bytes()) {
+        return Some(Text::Raw(Token(token)));
+    }
+    token_str(token, escaped).map(Text::Str)
+}
+
+/// The texts of content blocks (`src`, a JSON array) that each hold a `text` string (and
+/// `"type":"text"` where `typed`); `None` for any other block or anything unusual.
+pub(super) fn scan_text_blocks(src: &str, typed: bool) -> Option<Vec<Text<'_>>> {
+    scan_array(src, |s, src| {
+        let (block, _) = scan_value(s, src)?;
+        let (mut text, mut is_text) = (None, !typed);
+        object_fields(block, |key, value, escaped| match key {
+            "text" => {
+                text = Some(string_text(value, escaped)?);
+                Some(1)
+            }
+            "type" if typed => {
+                is_text = value == "\"text\"";
+                Some(2)
+            }
+            _ => Some(0),
+        })?;
+        text.filter(|_| is_text)
+    })
+}
+
+/// The one text of [`scan_text_blocks`] (`""` for none); `None` for several, which the
+/// translators join after unescaping.
+pub(super) fn single_text(blocks: Vec<Text<'_>>) -> Option<Text<'_>> {
+    let mut blocks = blocks.into_iter();
+    let text = blocks.next().unwrap_or(Text::Str(Cow::Borrowed("")));
+    blocks.next().is_none().then_some(text)
 }
 
 /// A string or `null` (`Option<Cow<str>>`).
@@ -511,6 +597,17 @@ pub(super) struct InToolFunction<'a> {
     pub parameters: Option<&'a RawValue>,
 }
 
+/// The client's `tools` (`raw`, the field's JSON; absent or `null`: none) as [`InTool`]s.
+/// serde reads them: it copies schemas through as raw JSON in one pass, which the scanner
+/// cannot do without a second one.
+pub(super) fn read_tools(raw: Option<&str>) -> Result<Vec<InTool<'_>>, ApiError> {
+    match raw {
+        None | Some("null") => Ok(vec![]),
+        Some(src) => serde_json::from_str(src)
+            .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools")),
+    }
+}
+
 /// A request authenticated with `Authorization: Bearer <api_key>` (when the deployment has a
 /// key) plus the deployment's extra headers.
 pub(super) fn bearer_request(
@@ -580,6 +677,46 @@ impl CachedUsage {
     }
 }
 
+/// One choice of a whole chat completion whose message is plain assistant text.
+pub(super) struct TextChoice<'a> {
+    pub index: u64,
+    pub content: Text<'a>,
+    pub finish_reason: &'static str,
+}
+
+/// Writes an OpenAI `chat.completion` of [`TextChoice`]s, byte for byte as serde_json writes
+/// the `json!` object the translators build for it (serde_json's maps sort their keys).
+pub(super) fn write_text_completion(
+    out: &mut Vec<u8>,
+    id: &Text,
+    model: &str,
+    choices: &[TextChoice],
+    usage: &Value,
+) {
+    out.extend_from_slice(b"{\"choices\":[");
+    for (i, c) in choices.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"finish_reason\":");
+        serde_json::to_writer(&mut *out, c.finish_reason).expect("strings serialize");
+        out.extend_from_slice(b",\"index\":");
+        serde_json::to_writer(&mut *out, &c.index).expect("numbers serialize");
+        out.extend_from_slice(b",\"message\":{\"content\":");
+        c.content.write(out);
+        out.extend_from_slice(b",\"role\":\"assistant\"}}");
+    }
+    out.extend_from_slice(b"],\"created\":");
+    serde_json::to_writer(&mut *out, &now()).expect("numbers serialize");
+    out.extend_from_slice(b",\"id\":");
+    id.write(out);
+    out.extend_from_slice(b",\"model\":");
+    serde_json::to_writer(&mut *out, model).expect("strings serialize");
+    out.extend_from_slice(b",\"object\":\"chat.completion\",\"usage\":");
+    serde_json::to_writer(&mut *out, usage).expect("json serializes");
+    out.push(b'}');
+}
+
 /// Writes OpenAI `chat.completion.chunk` SSE events. The part that stays the same for a whole
 /// stream (id, created, model) is serialized once, not per chunk.
 #[derive(Debug, Default, Clone)]
@@ -610,11 +747,26 @@ impl ChunkWriter {
 
     /// One event with a single choice delta.
     pub fn delta(&self, out: &mut Vec<u8>, index: u64, delta: &Value, finish: Option<&str>) {
+        self.open(out, index);
+        serde_json::to_writer(&mut *out, delta).expect("json serializes");
+        Self::close(out, finish);
+    }
+
+    /// Starts an event of choice `index`, up to its delta (written next by the caller, then
+    /// [`ChunkWriter::close`]).
+    pub fn open(&self, out: &mut Vec<u8>, index: u64) {
         out.extend_from_slice(&self.head);
         out.extend_from_slice(b"{\"index\":");
-        out.extend_from_slice(index.to_string().as_bytes());
+        if index < 10 {
+            out.push(b'0' + index as u8);
+        } else {
+            serde_json::to_writer(&mut *out, &index).expect("numbers serialize");
+        }
         out.extend_from_slice(b",\"delta\":");
-        serde_json::to_writer(&mut *out, delta).expect("json serializes");
+    }
+
+    /// Ends an event after its delta.
+    pub fn close(out: &mut Vec<u8>, finish: Option<&str>) {
         out.extend_from_slice(b",\"finish_reason\":");
         match finish {
             Some(f) => serde_json::to_writer(&mut *out, f).expect("strings serialize"),
@@ -623,10 +775,46 @@ impl ChunkWriter {
         out.extend_from_slice(b"}]}\n\n");
     }
 
+    /// One event of choice 0 whose delta is `{"<key>": text}` (`key` needs no escaping), as
+    /// `delta` writes `json!({key: text})`.
+    pub fn text_delta(&self, out: &mut Vec<u8>, key: &str, text: &Text) {
+        self.open(out, 0);
+        out.extend_from_slice(b"{\"");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        text.write(out);
+        out.push(b'}');
+        Self::close(out, None);
+    }
+
+    /// One event of choice 0 with a streamed tool call's arguments, as `delta` writes
+    /// `json!({"tool_calls": [{"index": call, "function": {"arguments": arguments}}]})`
+    /// (serde_json's maps sort their keys).
+    pub fn arguments_delta(&self, out: &mut Vec<u8>, call: usize, arguments: &Text) {
+        self.open(out, 0);
+        out.extend_from_slice(b"{\"tool_calls\":[{\"function\":{\"arguments\":");
+        arguments.write(out);
+        out.extend_from_slice(b"},\"index\":");
+        serde_json::to_writer(&mut *out, &call).expect("numbers serialize");
+        out.extend_from_slice(b"}]}");
+        Self::close(out, None);
+    }
+
     /// One event with a whole choice object (text completions carry `text`, not `delta`).
     pub fn choice(&self, out: &mut Vec<u8>, choice: &Value) {
-        out.extend_from_slice(&self.head);
+        self.open_choice(out);
         serde_json::to_writer(&mut *out, choice).expect("json serializes");
+        Self::close_choice(out);
+    }
+
+    /// Starts an event, up to its choice object (written next by the caller, then
+    /// [`ChunkWriter::close_choice`]).
+    pub fn open_choice(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.head);
+    }
+
+    /// Ends an event after its choice object.
+    pub fn close_choice(out: &mut Vec<u8>) {
         out.extend_from_slice(b"]}\n\n");
     }
 
@@ -637,6 +825,19 @@ impl ChunkWriter {
         serde_json::to_writer(&mut *out, usage).expect("json serializes");
         out.extend_from_slice(b"}\n\n");
     }
+}
+
+/// For tests: a translated response with `created` removed, and `id` too when `generated`
+/// (ids made up per call), re-serialized to compare two translations.
+#[cfg(test)]
+pub(super) fn comparable(body: &[u8], generated: bool) -> String {
+    let mut v: Value = serde_json::from_slice(body).expect("a translation is JSON");
+    let object = v.as_object_mut().expect("an object");
+    object.remove("created");
+    if generated {
+        object.remove("id");
+    }
+    serde_json::to_string(&v).expect("json serializes")
 }
 
 #[cfg(test)]

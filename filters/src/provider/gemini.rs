@@ -17,8 +17,9 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, canonical_escapes, now, opt_str, parse_field, scan_array, scan_tool_calls, scan_value,
-    text, token_str, token_text, ChunkWriter, InContent, InToolCall, Text,
+    bad, canonical_escapes, now, object_fields, opt_str, parse_field, plain_u64, scan_array,
+    scan_tool_calls, scan_value, string_text, text, token_str, token_text, utf8,
+    write_text_completion, ChunkWriter, InContent, InToolCall, Text, TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::{RequestBody, Scanner};
@@ -2125,6 +2126,20 @@ pub(super) fn translate_response(
     body: &[u8],
     model: &str,
 ) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    if op == Operation::ChatCompletions {
+        if let Some(translated) = text_response(body, model) {
+            return Ok(translated);
+        }
+    }
+    value_response(op, body, model)
+}
+
+/// [`translate_response`] for any response, read into a `serde_json::Value`.
+fn value_response(
+    op: Operation,
+    body: &[u8],
+    model: &str,
+) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(malformed)?;
     if op == Operation::Embeddings {
         return translate_embeddings(&v, model);
@@ -2201,6 +2216,136 @@ pub(super) fn translate_response(
         serde_json::to_vec(&out).expect("json serializes"),
         usage.map(|u| u.usage()),
     ))
+}
+
+/// A response of the usual shape (candidates of one text part each, plain token counts) read
+/// with the body's scanner and written directly, the answer's string token copied through.
+/// `None` leaves the response to [`translate_response`]'s `Value` path: function calls,
+/// thoughts, several text parts, no candidates, and anything unusual (see [`object_fields`]).
+fn text_response(body: &[u8], model: &str) -> Option<(Vec<u8>, Option<Usage>)> {
+    let src = utf8(body)?;
+    let (mut candidates, mut usage, mut id) = (None, None, None);
+    object_fields(src, |key, value, escaped| match key {
+        "candidates" => {
+            candidates = Some(value);
+            Some(1)
+        }
+        "usageMetadata" => {
+            usage = Some(value);
+            Some(2)
+        }
+        "responseId" => {
+            id = Some((value, escaped));
+            Some(4)
+        }
+        _ => Some(0),
+    })?;
+    let usage = match usage {
+        Some(u) => Some(scan_usage(u)?).filter(|u| u.total() > 0),
+        None => None,
+    };
+    let choices = scan_array(candidates?, |s, src| {
+        let (candidate, _) = scan_value(s, src)?;
+        Some(text_candidate(candidate))
+    })?;
+    if choices.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() + 256);
+    let mut texts = Vec::with_capacity(choices.len());
+    for (pos, choice) in choices.into_iter().enumerate() {
+        let (index, content, finish) = choice?;
+        texts.push(TextChoice {
+            index: index.unwrap_or(pos as u64),
+            content: content.unwrap_or(Text::Str(Cow::Borrowed(""))),
+            finish_reason: finish_reason(finish, false),
+        });
+    }
+    let id = match id {
+        Some((token, escaped)) if token.starts_with('"') && token != "\"\"" => {
+            string_text(token, escaped)?
+        }
+        _ => Text::Str(Cow::Owned(fallback_id())),
+    };
+    let openai = usage.unwrap_or_default().openai();
+    write_text_completion(&mut out, &id, model, &texts, &openai);
+    Some((out, usage.map(|u| u.usage())))
+}
+
+/// A candidate of [`text_response`]: its index, its one text part, its finish reason.
+type TextCandidate<'a> = (Option<u64>, Option<Text<'a>>, Option<&'a str>);
+
+fn text_candidate(src: &str) -> Option<TextCandidate<'_>> {
+    let (mut content, mut finish, mut index) = (None, None, None);
+    object_fields(src, |key, value, escaped| match key {
+        "content" => {
+            content = Some(value);
+            Some(1)
+        }
+        "finishReason" if !escaped && value.starts_with('"') => {
+            finish = Some(&value[1..value.len() - 1]);
+            Some(2)
+        }
+        "finishReason" => None,
+        "index" => {
+            index = Some(plain_u64(value)?);
+            Some(4)
+        }
+        _ => Some(0),
+    })?;
+    let mut parts = None;
+    if let Some(content) = content {
+        object_fields(content, |key, value, _| match key {
+            "parts" => {
+                parts = Some(value);
+                Some(1)
+            }
+            _ => Some(0),
+        })?;
+    }
+    let mut text = None;
+    if let Some(parts) = parts {
+        let texts = scan_array(parts, |s, src| {
+            let (part, _) = scan_value(s, src)?;
+            let mut text = None;
+            object_fields(part, |key, value, escaped| match key {
+                "text" => {
+                    text = Some(string_text(value, escaped)?);
+                    Some(1)
+                }
+                "thought" | "functionCall" => None,
+                _ => Some(0),
+            })?;
+            Some(text)
+        })?;
+        let mut texts = texts.into_iter().flatten();
+        text = texts.next();
+        if texts.next().is_some() {
+            return None;
+        }
+    }
+    Some((index, text, finish))
+}
+
+/// `usageMetadata` read as [`GeminiUsage`] is, when every count is a plain integer.
+fn scan_usage(src: &str) -> Option<GeminiUsage> {
+    let mut u = GeminiUsage::default();
+    object_fields(src, |key, value, _| {
+        let (slot, bit) = match key {
+            "promptTokenCount" => (&mut u.prompt_token_count, 1),
+            "candidatesTokenCount" => (&mut u.candidates_token_count, 2),
+            "thoughtsTokenCount" => (&mut u.thoughts_token_count, 4),
+            "cachedContentTokenCount" => (&mut u.cached_content_token_count, 8),
+            "totalTokenCount" => {
+                u.total_token_count = Some(plain_u64(value)?);
+                return Some(16);
+            }
+            _ => return Some(0),
+        };
+        *slot = plain_u64(value)?;
+        Some(bit)
+    })?;
+    Some(u)
 }
 
 /// `batchEmbedContents` (`embeddings[].values`) or Vertex `predict`

@@ -10,8 +10,9 @@ use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bearer_request, now, raw_value, read_messages, text, usage_json, ChunkWriter, InContent,
-    InImageUrl, InMessage, Text,
+    bearer_request, now, object_fields, plain_u64, raw_value, read_messages, string_text, text,
+    usage_json, utf8, write_text_completion, ChunkWriter, InContent, InImageUrl, InMessage, Text,
+    TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -330,6 +331,71 @@ pub(super) fn translate_response(
     body: &[u8],
     model: &str,
 ) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    if op == Operation::ChatCompletions {
+        if let Some(translated) = text_chat(body, model) {
+            return Ok(translated);
+        }
+    }
+    reply_response(op, body, model)
+}
+
+/// A chat reply without tool calls read with the body's scanner and written directly, its
+/// content token copied through. `None` leaves the reply to [`reply_response`]: tool calls,
+/// and anything unusual (any field [`OllamaReply`] reads but does not expect in a chat reply).
+fn text_chat(body: &[u8], model: &str) -> Option<(Vec<u8>, Option<Usage>)> {
+    let src = utf8(body)?;
+    let (mut message, mut length, mut usage) = (None, false, Usage::default());
+    object_fields(src, |key, value, escaped| match key {
+        "message" => {
+            message = Some(value);
+            Some(1)
+        }
+        "done" if value == "true" || value == "false" => Some(2),
+        "done_reason" if value == "null" => Some(4),
+        "done_reason" if !escaped && value.starts_with('"') => {
+            length = value == "\"length\"";
+            Some(4)
+        }
+        "prompt_eval_count" => {
+            usage.prompt_tokens = plain_u64(value)?;
+            Some(8)
+        }
+        "eval_count" => {
+            usage.completion_tokens = plain_u64(value)?;
+            Some(16)
+        }
+        "done" | "done_reason" | "response" | "embeddings" | "error" => None,
+        _ => Some(0),
+    })?;
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    let mut content = Text::Str(Cow::Borrowed(""));
+    object_fields(message?, |key, value, escaped| match key {
+        "content" if value.starts_with('"') => {
+            content = string_text(value, escaped)?;
+            Some(1)
+        }
+        // What the reply path writes for content that is not a string.
+        "content" => Some(1),
+        "tool_calls" => None,
+        _ => Some(0),
+    })?;
+    let choice = TextChoice {
+        index: 0,
+        content,
+        finish_reason: if length { "length" } else { "stop" },
+    };
+    let id = Text::Str(Cow::Owned(format!("chatcmpl-{}", now())));
+    let mut out = Vec::with_capacity(body.len() + 256);
+    write_text_completion(&mut out, &id, model, &[choice], &usage_json(&usage));
+    Some((out, Some(usage)))
+}
+
+/// [`translate_response`] for any reply, read as an [`OllamaReply`].
+fn reply_response(
+    op: Operation,
+    body: &[u8],
+    model: &str,
+) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
     let r: OllamaReply = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             502,
@@ -416,11 +482,27 @@ impl OllamaStream {
     }
 
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        self.pending.extend_from_slice(chunk);
-        while let Some(end) = memchr::memchr(b'\n', &self.pending) {
-            let line: Vec<u8> = self.pending.drain(..=end).collect();
-            self.line(&line, out);
+        // Whole lines are read where they lie; only a partial line is kept for the next chunk.
+        if self.pending.is_empty() {
+            let used = self.lines(chunk, out);
+            self.pending.extend_from_slice(&chunk[used..]);
+        } else {
+            let mut data = std::mem::take(&mut self.pending);
+            data.extend_from_slice(chunk);
+            let used = self.lines(&data, out);
+            data.drain(..used);
+            self.pending = data;
         }
+    }
+
+    /// Handles every complete line (newline included) of `data`; the bytes used.
+    fn lines(&mut self, data: &[u8], out: &mut Vec<u8>) -> usize {
+        let mut start = 0;
+        while let Some(at) = memchr::memchr(b'\n', &data[start..]) {
+            self.line(&data[start..=start + at], out);
+            start += at + 1;
+        }
+        start
     }
 
     pub fn finish(&mut self, out: &mut Vec<u8>) {
@@ -437,6 +519,54 @@ impl OllamaStream {
         if line.iter().all(u8::is_ascii_whitespace) || self.finished {
             return;
         }
+        if self.chat && self.started && self.content_line(line, out).is_some() {
+            return;
+        }
+        self.reply_line(line, out);
+    }
+
+    /// A chat line that only carries content (all but the last, as a rule), read with the
+    /// body's scanner and written directly. `None`, with nothing written, leaves the line to
+    /// [`Self::reply_line`]: the last line, tool calls, errors, and anything unusual (any
+    /// field that [`OllamaReply`] reads other than `message` and `done: false`).
+    fn content_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        let src = utf8(line)?;
+        let mut message = None;
+        object_fields(src, |key, value, _| match key {
+            "message" => {
+                message = Some(value);
+                Some(1)
+            }
+            "done" if value == "false" => Some(2),
+            "response" | "done" | "done_reason" | "prompt_eval_count" | "eval_count"
+            | "embeddings" | "error" => None,
+            _ => Some(0),
+        })?;
+        let mut content = None;
+        object_fields(message?, |key, value, escaped| match key {
+            "content" => {
+                content = Some((value, escaped));
+                Some(1)
+            }
+            "tool_calls" => None,
+            _ => Some(0),
+        })?;
+        let (content, escaped) = content?;
+        if content == "\"\"" {
+            return Some(());
+        }
+        let content = string_text(content, escaped)?;
+        // As `emit` writes the choice: serde_json sorts an object's keys.
+        self.writer.open_choice(out);
+        out.extend_from_slice(b"{\"delta\":{\"content\":");
+        content.write(out);
+        out.extend_from_slice(b"},\"finish_reason\":null,\"index\":0}");
+        ChunkWriter::close_choice(out);
+        Some(())
+    }
+
+    /// Any line, read as an [`OllamaReply`].
+    fn reply_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
         let Ok(r) = serde_json::from_slice::<OllamaReply>(line) else {
             return;
         };
@@ -592,6 +722,64 @@ mod tests {
                 None => reference = Some(normalized),
                 Some(r) => assert_eq!(r, &normalized, "split {split}"),
             }
+        }
+    }
+
+    #[test]
+    fn content_lines_are_written_as_the_reply_path_writes_them() {
+        let input = br#"{"model":"m","message":{"role":"assistant","content":"first"},"done":false}
+{"model":"m","created_at":"2025-06-05T14:22:07Z","message":{"role":"assistant","content":"a \"b\" \\ \n\u00e9\/"},"done":false}
+{"message":{"role":"assistant","content":""},"done":false}
+{"message":{"content":"no done"}}
+{"message":{"content":5},"done":false}
+{"message":null,"done":false}
+{"message":{"content":"x","content":"y"},"done":false}
+{"message":{"content":"x"},"done":false,"done":false}
+{"message":{"content":"x"},"done":"no"}
+{"message":{"content":"x"},"done":false,"eval_count":null}
+{"message":{"content":"x"},"done":false} junk
+{"message":{"content":"t","tool_calls":[{"function":{"name":"f","arguments":{"a":1}}}]},"done":false}
+{"message":{"content":""},"done":true,"done_reason":"stop","prompt_eval_count":4,"eval_count":2}
+"#;
+        let mut fast = OllamaStream::new("m", true, true);
+        let mut value = OllamaStream::new("m", true, true);
+        value.writer = fast.writer.clone();
+        for line in input.split_inclusive(|b| *b == b'\n') {
+            let (mut a, mut b) = (vec![], vec![]);
+            fast.line(line, &mut a);
+            if value.finished {
+                continue;
+            }
+            value.reply_line(line, &mut b);
+            assert_eq!(
+                String::from_utf8_lossy(&a),
+                String::from_utf8_lossy(&b),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert!(fast.finished && value.finished);
+    }
+
+    #[test]
+    fn text_responses_are_written_as_the_value_path_writes_them() {
+        let bodies: Vec<&[u8]> = vec![
+            br#"{"model":"llama3","message":{"role":"assistant","content":"He said \"hi\"\n\u00e9\/"},"done":true,"done_reason":"length","prompt_eval_count":4,"eval_count":3}"#,
+            br#"{"message":{"role":"assistant","content":5},"done":false}"#,
+            br#"{"message":{"content":"x"},"done_reason":null}"#,
+            br#"{"message":{"content":"x"},"done_reason":"le\u006egth"}"#,
+            br#"{"message":{"content":"x","tool_calls":[{"function":{"name":"f","arguments":{"a":1}}}]},"done":true}"#,
+            br#"{"message":{"content":"x"},"eval_count":null}"#,
+            br#"{"message":{"content":"\ud800"}}"#,
+            br#"{"message":null}"#,
+        ];
+        for body in bodies {
+            let generated = !body.starts_with(b"{\"id\"");
+            let fast = translate_response(Operation::ChatCompletions, body, "m")
+                .map(|(b, u)| (crate::provider::common::comparable(&b, generated), u));
+            let value = reply_response(Operation::ChatCompletions, body, "m")
+                .map(|(b, u)| (crate::provider::common::comparable(&b, generated), u));
+            assert_eq!(fast.ok(), value.ok(), "{}", String::from_utf8_lossy(body));
         }
     }
 }

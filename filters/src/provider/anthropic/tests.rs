@@ -1,6 +1,7 @@
 //! Golden tests against Anthropic's documented wire formats (fixtures in `filters/fixtures/anthropic`).
 
 use super::*;
+use crate::provider::common::comparable;
 use std::path::Path;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/anthropic");
@@ -176,4 +177,82 @@ fn stream_error_event_is_reported_in_band() {
     assert!(text.contains("\"error\""), "{text}");
     assert!(text.contains("Overloaded"));
     assert!(text.ends_with("data: [DONE]\n\n"));
+}
+
+#[test]
+fn frequent_events_are_written_as_the_value_path_writes_them() {
+    let mut input = fixture("stream_tool_use.sse");
+    // Escapes (canonical and not), thinking, the JSON-answer tool, odd types and repeated keys.
+    input.extend_from_slice(
+        br#"data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a \"q\" \\ \n\u0001 \u00e9 \/ \ud83d\ude00"}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hm\tm"}}
+
+data: {"type":"content_block_start","index":7,"content_block":{"type":"tool_use","id":"t","name":"json_tool_call","input":{}}}
+
+data: {"type":"content_block_delta","index":7,"delta":{"type":"input_json_delta","partial_json":"{\"a\":"}}
+
+data: {"type":"content_block_delta","index":7,"delta":{"type":"input_json_delta","partial_json":""}}
+
+data: {"type":"content_block_delta","index":"1","delta":{"type":"input_json_delta","partial_json":"x"}}
+
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":3}}
+
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta"}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a","text":"b"}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","te\u0078t":"c"}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":null}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"other","text":"d"}}
+
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"e"}} x
+
+data: {"type":"content_block_stop","index":0,"extra":[1,{"a":null}]}
+
+data: {"type":"ping"}
+
+"#,
+    );
+    let mut fast = AnthropicStream::new("m", true);
+    let mut value = AnthropicStream::new("m", true);
+    value.created = fast.created;
+    value.writer = fast.writer.clone();
+    let mut events = vec![];
+    SseSplitter::default().feed(&input, |e| events.push(e.to_vec()));
+    assert!(events.len() > 20);
+    for e in &events {
+        let (mut a, mut b) = (vec![], vec![]);
+        fast.event(e, &mut a);
+        value.event_value(event_data(e).unwrap(), &mut b);
+        assert_eq!(
+            String::from_utf8_lossy(&a),
+            String::from_utf8_lossy(&b),
+            "{}",
+            String::from_utf8_lossy(e)
+        );
+    }
+}
+
+#[test]
+fn text_responses_are_written_as_the_value_path_writes_them() {
+    let fixture_body = fixture("response_tool_use.json");
+    let bodies: Vec<&[u8]> = vec![
+        br#"{"id":"msg_1","type":"message","content":[{"type":"text","text":"He said \"hi\"\n\u00e9\/"}],"stop_reason":"max_tokens","usage":{"input_tokens":4,"output_tokens":3,"cache_read_input_tokens":2,"cache_creation_input_tokens":1}}"#,
+        br#"{"content":[],"stop_reason":null}"#,
+        br#"{"id":"m","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}"#,
+        br#"{"id":"m","content":[{"type":"thinking","thinking":"t"},{"type":"text","text":"b"}]}"#,
+        br#"{"id":"m","content":[{"type":"other","text":"x"}],"stop_reason":"refusal"}"#,
+        br#"{"id":"m","content":[{"text":"x"}]}"#,
+        br#"{"id":"m","content":[{"type":"text","text":"x"}],"usage":{"input_tokens":1.5}}"#,
+        br#"{"id":"m","content":[{"type":"text","text":"x"}],"id":"n"}"#,
+        &fixture_body,
+    ];
+    for body in bodies {
+        let fast = translate_response(body, "m").map(|(b, u)| (comparable(&b, false), u));
+        let value = value_response(body, "m").map(|(b, u)| (comparable(&b, false), u));
+        assert_eq!(fast.ok(), value.ok(), "{}", String::from_utf8_lossy(body));
+    }
 }

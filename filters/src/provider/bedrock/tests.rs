@@ -2,6 +2,7 @@
 //! AWS's published SigV4 test vectors, and event-stream frames built here with real CRCs.
 
 use super::*;
+use crate::provider::common::comparable;
 use std::path::Path;
 use std::time::Duration;
 
@@ -961,4 +962,120 @@ fn exceptions_and_truncation_are_reported_in_band() {
         .unwrap()
         .contains("before messageStop"));
     assert!(usage.is_none());
+}
+
+#[test]
+fn frequent_messages_are_written_as_the_value_path_writes_them() {
+    let mut input = recorded_stream();
+    // Escapes (canonical and not), reasoning, the JSON-answer tool, odd types, repeated keys.
+    for (kind, payload) in [
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":0,"delta":{"text":"a \"q\" \\ \n\u0001 \u00e9 \/"}}"#,
+        ),
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":0,"delta":{"reasoningContent":{"text":"hm"}}}"#,
+        ),
+        (
+            "contentBlockStart",
+            r#"{"contentBlockIndex":7,"start":{"toolUse":{"name":"json_tool_call","toolUseId":"t"}}}"#,
+        ),
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":7,"delta":{"toolUse":{"input":"{\"a\":"}}}"#,
+        ),
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":7,"delta":{"toolUse":{"input":""}}}"#,
+        ),
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":"1","delta":{"toolUse":{"input":"x"}}}"#,
+        ),
+        (
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":1,"delta":{"text":5,"toolUse":{"input":"y"}}}"#,
+        ),
+        ("contentBlockDelta", r#"{"delta":{"text":"a","text":"b"}}"#),
+        ("contentBlockDelta", r#"{"delta":{"te\u0078t":"c"}}"#),
+        ("contentBlockDelta", r#"{"delta":{}}"#),
+        ("contentBlockDelta", r#"{"delta":{"text":"e"}} x"#),
+        ("contentBlockDelta", r#"[1]"#),
+        ("contentBlockStop", r#"{"contentBlockIndex":0"#),
+        ("somethingNew", r#"{"a":1}"#),
+    ] {
+        input.extend(frame(
+            &[(":event-type", kind), (":message-type", "event")],
+            payload.as_bytes(),
+        ));
+    }
+    let mut fast = BedrockStream::new("m", true);
+    let mut value = BedrockStream::new("m", true);
+    value.writer = fast.writer.clone();
+    let mut decoder = EventStreamDecoder::new();
+    decoder.feed(&input);
+    let mut n = 0;
+    while let Some(at) = decoder.next_frame() {
+        let at = at.unwrap();
+        let m = decoder.frame(&at);
+        let (mut a, mut b) = (vec![], vec![]);
+        fast.message(&m, &mut a);
+        value.message_value(&m, &mut b);
+        assert_eq!(
+            String::from_utf8_lossy(&a),
+            String::from_utf8_lossy(&b),
+            "{}",
+            String::from_utf8_lossy(m.payload)
+        );
+        decoder.consume(&at);
+        n += 1;
+    }
+    assert!(n > 20);
+}
+
+#[test]
+fn text_responses_are_written_as_the_value_path_writes_them() {
+    let fixture_body = fixture("response_tool_use.json");
+    let bodies: Vec<&[u8]> = vec![
+        br#"{"output":{"message":{"role":"assistant","content":[{"text":"He said \"hi\"\n\u00e9\/"}]}},"stopReason":"max_tokens","usage":{"inputTokens":4,"outputTokens":3,"cacheReadInputTokens":2,"cacheWriteInputTokens":1}}"#,
+        br#"{"output":{"message":{"content":[]}},"stopReason":null}"#,
+        br#"{"output":{"message":{"content":[{"text":"a"},{"text":"b"}]}}}"#,
+        br#"{"output":{"message":{"content":[{"reasoningContent":{"reasoningText":{"text":"r"}}},{"text":"b"}]}}}"#,
+        br#"{"output":{"message":{}}}"#,
+        br#"{"output":{"message":{"content":[{"text":"x"}]}},"usage":{"inputTokens":null}}"#,
+        br#"{"output":{"message":{"content":[{"text":"x"}]}},"stopReason":"guardrail_intervened"}"#,
+        &fixture_body,
+    ];
+    for body in bodies {
+        let fast = translate_chat(body, "m").map(|(b, u)| (comparable(&b, true), u));
+        let value = value_chat(body, "m").map(|(b, u)| (comparable(&b, true), u));
+        assert_eq!(fast.ok(), value.ok(), "{}", String::from_utf8_lossy(body));
+    }
+}
+
+#[test]
+fn signing_keys_are_reused_only_for_the_same_secret_date_region_and_service() {
+    let derive = |secret: &str, date: &str, region: &str, service: &str| {
+        let k = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
+        let k = hmac(&k, region.as_bytes());
+        let k = hmac(&k, service.as_bytes());
+        hmac(&k, b"aws4_request")
+    };
+    let cases = [
+        ("secret-a", "20250605", "us-east-1", "bedrock"),
+        ("secret-b", "20250605", "us-east-1", "bedrock"),
+        ("secret-a", "20250606", "us-east-1", "bedrock"),
+        ("secret-a", "20250606", "eu-west-1", "bedrock"),
+        ("secret-a", "20250606", "eu-west-1", "s3"),
+    ];
+    for round in 0..2 {
+        for (secret, date, region, service) in cases {
+            assert_eq!(
+                signing_key(secret, date, region, service),
+                derive(secret, date, region, service),
+                "{round}: {secret} {date} {region} {service}"
+            );
+        }
+    }
 }

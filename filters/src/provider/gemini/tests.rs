@@ -670,3 +670,42 @@ fn stream_error_event_is_reported_in_band() {
     assert!(text.ends_with("data: [DONE]\n\n"));
     assert_eq!(text.matches("[DONE]").count(), 1);
 }
+
+#[test]
+fn text_responses_are_written_as_the_value_path_writes_them() {
+    let fixture_body = fixture("response_tool_call.json");
+    let bodies: Vec<&[u8]> = vec![
+        br#"{"candidates":[{"content":{"parts":[{"text":"He said \"hi\"\n\u00e9\/"}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":3,"totalTokenCount":7,"promptTokensDetails":[{"modality":"TEXT","tokenCount":4}]},"responseId":"r-1"}"#,
+        br#"{"candidates":[{"content":{"parts":[{"text":"a"}]},"finishReason":"MAX_TOKENS"},{"content":{"parts":[{"text":"b"}]},"finishReason":"SAFETY","index":5}],"usageMetadata":{"promptTokenCount":4,"thoughtsTokenCount":2,"cachedContentTokenCount":1}}"#,
+        br#"{"candidates":[{"content":{"parts":[]}},{"finishReason":"STOP"}],"responseId":""}"#,
+        br#"{"candidates":[{"content":{"parts":[{"text":"a"},{"text":"b"}]}}],"responseId":"r"}"#,
+        br#"{"candidates":[{"content":{"parts":[{"text":"a","thought":true}]}}],"responseId":"r"}"#,
+        br#"{"candidates":[{"content":{"parts":[{"text":"a"}]},"index":"1"}],"responseId":"r"}"#,
+        br#"{"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"totalTokenCount":null},"responseId":"r"}"#,
+        br#"{"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":1.5},"responseId":"r"}"#,
+        br#"{"candidates":[{"content":{"parts":[{"text":"a"}]}}],"responseId":"r","responseId":"s"}"#,
+        br#"{"candidates":[],"promptFeedback":{"blockReason":"SAFETY"},"responseId":"r"}"#,
+        br#"{"candidates":[{"content":{"parts":[{"text":"a"}]}}],"responseId":7}"#,
+        &fixture_body,
+    ];
+    for body in bodies {
+        let strip = |out: Vec<u8>| {
+            let mut v: Value = serde_json::from_slice(&out).unwrap();
+            v.as_object_mut().unwrap().remove("created");
+            if !v["id"].as_str().unwrap().starts_with('r') {
+                v.as_object_mut().unwrap().remove("id");
+            }
+            // Byte for byte once `created` and generated ids are set aside.
+            serde_json::to_string(&v).unwrap()
+        };
+        let (fast, fast_usage) = translate_response(Operation::ChatCompletions, body, "m").unwrap();
+        let (value, value_usage) = value_response(Operation::ChatCompletions, body, "m").unwrap();
+        assert_eq!(fast_usage, value_usage, "{}", String::from_utf8_lossy(body));
+        assert_eq!(
+            strip(fast),
+            strip(value),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+}
