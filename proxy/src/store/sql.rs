@@ -43,17 +43,31 @@ struct Migration {
 }
 
 /// Applied in order; a version is never edited once released, only followed by a new one.
-const SQLITE_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "tenancy",
-    sql: include_str!("../../migrations/sqlite/0001_tenancy.sql"),
-}];
+const SQLITE_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "tenancy",
+        sql: include_str!("../../migrations/sqlite/0001_tenancy.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "spend_log_partial_indexes",
+        sql: include_str!("../../migrations/sqlite/0002_spend_log_partial_indexes.sql"),
+    },
+];
 
-const POSTGRES_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "tenancy",
-    sql: include_str!("../../migrations/postgres/0001_tenancy.sql"),
-}];
+const POSTGRES_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "tenancy",
+        sql: include_str!("../../migrations/postgres/0001_tenancy.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "spend_log_partial_indexes",
+        sql: include_str!("../../migrations/postgres/0002_spend_log_partial_indexes.sql"),
+    },
+];
 
 /// `pg_advisory_xact_lock` keys ("sluice" in ASCII, then a discriminator).
 const MIGRATION_LOCK: i64 = 0x736c_7569_6365_0001;
