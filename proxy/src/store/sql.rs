@@ -43,17 +43,31 @@ struct Migration {
 }
 
 /// Applied in order; a version is never edited once released, only followed by a new one.
-const SQLITE_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "tenancy",
-    sql: include_str!("../../migrations/sqlite/0001_tenancy.sql"),
-}];
+const SQLITE_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "tenancy",
+        sql: include_str!("../../migrations/sqlite/0001_tenancy.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "spend_log_partial_indexes",
+        sql: include_str!("../../migrations/sqlite/0002_spend_log_partial_indexes.sql"),
+    },
+];
 
-const POSTGRES_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "tenancy",
-    sql: include_str!("../../migrations/postgres/0001_tenancy.sql"),
-}];
+const POSTGRES_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "tenancy",
+        sql: include_str!("../../migrations/postgres/0001_tenancy.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "spend_log_partial_indexes",
+        sql: include_str!("../../migrations/postgres/0002_spend_log_partial_indexes.sql"),
+    },
+];
 
 /// `pg_advisory_xact_lock` keys ("sluice" in ASCII, then a discriminator).
 const MIGRATION_LOCK: i64 = 0x736c_7569_6365_0001;
@@ -269,16 +283,24 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Inserts one chunk of spend rows, returning the request ids actually inserted.
+    /// Inserts one chunk of spend rows, skipping request ids already stored. With `returning`
+    /// the ids actually inserted come back; without, only how many were (`None` for the ids),
+    /// which spares decoding a row per inserted row.
     async fn insert_logs(
         &self,
         tx: &mut Transaction<'static, Any>,
         rows: &[SpendRow],
-    ) -> Result<Vec<String>, StoreError> {
+        returning: bool,
+    ) -> Result<(u64, Option<Vec<String>>), StoreError> {
         let sql = format!(
             "INSERT INTO sluice_spend_logs ({LOG_COLUMNS}) VALUES {} \
-             ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-            values_list(self.backend, rows.len(), LOG_COLUMN_COUNT)
+             ON CONFLICT (request_id) DO NOTHING{}",
+            values_list(self.backend, rows.len(), LOG_COLUMN_COUNT),
+            if returning {
+                " RETURNING request_id"
+            } else {
+                ""
+            }
         );
         let mut query = sqlx::query(&sql);
         for r in rows {
@@ -303,15 +325,20 @@ impl SqlStore {
                 .bind(r.end_user.as_deref())
                 .bind(r.status.as_str())
                 .bind(i32::from(r.status_code))
-                .bind(serde_json::to_string(&r.request_tags).unwrap_or_else(|_| "[]".into()));
+                .bind(tags_json(&r.request_tags));
         }
-        query
+        if !returning {
+            let done = query.execute(&mut **tx).await.map_err(db_err)?;
+            return Ok((done.rows_affected(), None));
+        }
+        let ids = query
             .fetch_all(&mut **tx)
             .await
             .map_err(db_err)?
             .iter()
             .map(|row| row.try_get::<String, _>(0).map_err(db_err))
-            .collect()
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok((ids.len() as u64, Some(ids)))
     }
 
     /// Adds to counters that exist only as spend (model groups, per-key model groups, the
@@ -507,14 +534,32 @@ impl Store for SqlStore {
         if rows.is_empty() {
             return Ok(());
         }
+        // Nearly always every row is new: insert without RETURNING and check the counts. Only
+        // when some request id was already stored (a batch retried after a commit whose answer
+        // was lost) or repeats in the batch, roll back and insert again learning which rows
+        // went in, so that increments still come from inserted rows alone.
         let mut tx = self.begin_write().await.map_err(db_err)?;
-        let mut inserted = HashSet::with_capacity(rows.len());
+        let mut all_new = true;
         for chunk in chunks(rows) {
-            inserted.extend(self.insert_logs(&mut tx, chunk).await?);
+            let (count, _) = self.insert_logs(&mut tx, chunk, false).await?;
+            if count != chunk.len() as u64 {
+                all_new = false;
+                break;
+            }
+        }
+        let mut inserted = HashSet::new();
+        if !all_new {
+            tx.rollback().await.map_err(db_err)?;
+            tx = self.begin_write().await.map_err(db_err)?;
+            inserted.reserve(rows.len());
+            for chunk in chunks(rows) {
+                let (_, ids) = self.insert_logs(&mut tx, chunk, true).await?;
+                inserted.extend(ids.unwrap_or_default());
+            }
         }
         // Increments come only from the rows this transaction inserted; of several rows with
         // one request id, the first is the one inserted.
-        let increments = if inserted.len() == rows.len() {
+        let increments = if all_new || inserted.len() == rows.len() {
             total_increments(rows)
         } else {
             let fresh: Vec<SpendRow> = rows
@@ -663,6 +708,14 @@ fn values_list(backend: Backend, rows: usize, columns: usize) -> String {
         sql.push(')');
     }
     sql
+}
+
+/// The JSON text of a tag list; the usual empty list without serialising.
+fn tags_json(tags: &[String]) -> String {
+    if tags.is_empty() {
+        return "[]".to_string();
+    }
+    serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
 }
 
 /// `items` cut into chunks of power-of-two lengths, largest first, of at most
