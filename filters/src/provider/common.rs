@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+pub(super) use crate::body::utf8;
 use crate::body::{RequestBody, Scanner};
 use crate::error::ApiError;
 use crate::usage::Usage;
@@ -414,16 +415,6 @@ pub(super) fn object_fields<'a>(
     scan_fields(&mut s, src, field)?;
     s.ws();
     (s.pos() == src.len()).then_some(())
-}
-
-/// `bytes` as text when they are valid UTF-8. Stream events are nearly always ASCII, which is
-/// checked many bytes at a time, faster than the full validation.
-pub(super) fn utf8(bytes: &[u8]) -> Option<&str> {
-    if bytes.is_ascii() {
-        // SAFETY: ASCII is valid UTF-8.
-        return Some(unsafe { std::str::from_utf8_unchecked(bytes) });
-    }
-    std::str::from_utf8(bytes).ok()
 }
 
 /// The token at `path` (keys of nested objects) in the JSON object `src`, with whether it is a
