@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+pub(super) use crate::body::utf8;
 use crate::body::{RequestBody, Scanner};
 use crate::error::ApiError;
 use crate::usage::Usage;
@@ -205,12 +206,23 @@ pub(super) fn scan_array<'a, T>(
 ) -> Option<Vec<T>> {
     let mut s = Scanner::new(src.as_bytes());
     s.ws();
+    let out = scan_array_at(&mut s, src, item)?;
+    s.ws();
+    (s.pos() == src.len()).then_some(out)
+}
+
+/// A JSON array at the scanner, its items read by `item`; `None` when any does not scan.
+fn scan_array_at<'a, T>(
+    s: &mut Scanner,
+    src: &'a str,
+    item: impl Fn(&mut Scanner, &'a str) -> Option<T>,
+) -> Option<Vec<T>> {
     s.eat(b'[').then_some(())?;
     s.ws();
     let mut out = Vec::with_capacity(8);
     if !s.eat(b']') {
         loop {
-            out.push(item(&mut s, src)?);
+            out.push(item(s, src)?);
             s.ws();
             if s.eat(b']') {
                 break;
@@ -219,8 +231,7 @@ pub(super) fn scan_array<'a, T>(
             s.ws();
         }
     }
-    s.ws();
-    (s.pos() == src.len()).then_some(out)
+    Some(out)
 }
 
 /// One value at the scanner: its JSON text and whether it is a string with escapes.
@@ -249,6 +260,7 @@ pub(super) fn token_str(token: &str, escaped: bool) -> Option<Cow<'_, str>> {
 
 /// A `tool_calls` list (`src`, its JSON text) read in one pass with the body's scanner, as
 /// serde reads [`InToolCall`]s; `None` (serde decides) for anything unusual.
+#[cfg(test)]
 pub(super) fn scan_tool_calls(src: &str) -> Option<Vec<InToolCall<'_>>> {
     scan_array(src, scan_tool_call)
 }
@@ -260,6 +272,19 @@ fn scan_fields<'a>(
     s: &mut Scanner,
     src: &'a str,
     mut field: impl FnMut(&'a str, &'a str, bool) -> Option<u8>,
+) -> Option<()> {
+    scan_fields_at(s, src, |key, s| {
+        let (value, escaped) = scan_value(s, src)?;
+        field(key, value, escaped)
+    })
+}
+
+/// [`scan_fields`], `field` given the scanner at the value, which it reads itself: a nested
+/// value it reads field by field is then scanned once, not once whole and again by parts.
+pub(super) fn scan_fields_at<'a>(
+    s: &mut Scanner,
+    src: &'a str,
+    mut field: impl FnMut(&'a str, &mut Scanner) -> Option<u8>,
 ) -> Option<()> {
     s.eat(b'{').then_some(())?;
     s.ws();
@@ -273,8 +298,7 @@ fn scan_fields<'a>(
             s.ws();
             s.eat(b':').then_some(())?;
             s.ws();
-            let (value, escaped) = scan_value(s, src)?;
-            let bit = field(&key[1..key.len() - 1], value, escaped)?;
+            let bit = field(&key[1..key.len() - 1], s)?;
             if seen & bit != 0 {
                 return None;
             }
@@ -290,19 +314,32 @@ fn scan_fields<'a>(
     Some(())
 }
 
+/// A message's `tool_calls` value at the scanner (`null` or a list), read in the same pass.
+pub(super) fn tool_calls_at<'a>(
+    s: &mut Scanner,
+    src: &'a str,
+) -> Option<Option<Vec<InToolCall<'a>>>> {
+    if s.peek()? == b'[' {
+        return scan_array_at(s, src, scan_tool_call).map(Some);
+    }
+    s.literal(b"null")?;
+    Some(None)
+}
+
 fn scan_tool_call<'a>(s: &mut Scanner, src: &'a str) -> Option<InToolCall<'a>> {
     let mut id = None;
     let mut function = None;
-    scan_fields(s, src, |key, value, escaped| match key {
+    scan_fields_at(s, src, |key, s| match key {
         "id" => {
+            let (value, escaped) = scan_value(s, src)?;
             id = Some(token_str(value, escaped)?);
             Some(1)
         }
         "function" => {
-            function = Some(scan_function(value)?);
+            function = Some(scan_function(s, src)?);
             Some(2)
         }
-        _ => Some(0),
+        _ => scan_value(s, src).map(|_| 0),
     })?;
     Some(InToolCall {
         id: id?,
@@ -310,12 +347,11 @@ fn scan_tool_call<'a>(s: &mut Scanner, src: &'a str) -> Option<InToolCall<'a>> {
     })
 }
 
-/// A tool call's `function` object (`src`, its JSON text).
-fn scan_function(src: &str) -> Option<InFunction<'_>> {
-    let mut s = Scanner::new(src.as_bytes());
+/// A tool call's `function` object at the scanner.
+fn scan_function<'a>(s: &mut Scanner, src: &'a str) -> Option<InFunction<'a>> {
     let mut name = None;
     let mut arguments = Cow::Borrowed("");
-    scan_fields(&mut s, src, |key, value, escaped| match key {
+    scan_fields(s, src, |key, value, escaped| match key {
         "name" => {
             name = Some(token_str(value, escaped)?);
             Some(1)
@@ -326,7 +362,6 @@ fn scan_function(src: &str) -> Option<InFunction<'_>> {
         }
         _ => Some(0),
     })?;
-    (s.pos() == src.len()).then_some(())?;
     Some(InFunction {
         name: name?,
         arguments,
@@ -380,16 +415,6 @@ pub(super) fn object_fields<'a>(
     scan_fields(&mut s, src, field)?;
     s.ws();
     (s.pos() == src.len()).then_some(())
-}
-
-/// `bytes` as text when they are valid UTF-8. Stream events are nearly always ASCII, which is
-/// checked many bytes at a time, faster than the full validation.
-pub(super) fn utf8(bytes: &[u8]) -> Option<&str> {
-    if bytes.is_ascii() {
-        // SAFETY: ASCII is valid UTF-8.
-        return Some(unsafe { std::str::from_utf8_unchecked(bytes) });
-    }
-    std::str::from_utf8(bytes).ok()
 }
 
 /// The token at `path` (keys of nested objects) in the JSON object `src`, with whether it is a
@@ -472,8 +497,6 @@ pub(super) fn opt_str(token: &str, escaped: bool) -> Option<Option<Cow<'_, str>>
 }
 
 fn scan_message<'a>(s: &mut Scanner, src: &'a str) -> Option<InMessage<'a>> {
-    s.eat(b'{').then_some(())?;
-    s.ws();
     let mut m = InMessage {
         role: Cow::Borrowed(""),
         content: None,
@@ -481,63 +504,40 @@ fn scan_message<'a>(s: &mut Scanner, src: &'a str) -> Option<InMessage<'a>> {
         tool_call_id: None,
         reasoning_content: None,
     };
-    // Fields seen (a repeated one is serde's error).
-    let mut seen = 0u8;
-    if !s.eat(b'}') {
-        loop {
-            let (key, escaped) = scan_value(s, src)?;
-            if escaped || !key.starts_with('"') {
-                return None;
-            }
-            s.ws();
-            s.eat(b':').then_some(())?;
-            s.ws();
-            let (value, escaped) = scan_value(s, src)?;
-            let bit = match &key[1..key.len() - 1] {
-                "role" => {
-                    m.role = token_str(value, escaped)?;
-                    1
-                }
-                "content" => {
-                    m.content = match value.as_bytes()[0] {
-                        b'n' => None,
-                        b'"' => Some(InContent::Text(token_str(value, escaped)?)),
-                        b'[' => Some(InContent::Parts(serde_json::from_str(value).ok()?)),
-                        _ => return None,
-                    };
-                    2
-                }
-                "tool_calls" => {
-                    m.tool_calls = match value.as_bytes()[0] {
-                        b'n' => None,
-                        b'[' => Some(scan_tool_calls(value)?),
-                        _ => return None,
-                    };
-                    4
-                }
-                "tool_call_id" => {
-                    m.tool_call_id = opt_str(value, escaped)?;
-                    8
-                }
-                "reasoning_content" => {
-                    m.reasoning_content = opt_str(value, escaped)?;
-                    16
-                }
-                _ => 0,
-            };
-            if seen & bit != 0 {
-                return None;
-            }
-            seen |= bit;
-            s.ws();
-            if s.eat(b'}') {
-                break;
-            }
-            s.eat(b',').then_some(())?;
-            s.ws();
+    let mut has_role = false;
+    scan_fields_at(s, src, |key, s| {
+        if key == "tool_calls" {
+            m.tool_calls = tool_calls_at(s, src)?;
+            return Some(4);
         }
-    }
-    (seen & 1 != 0).then_some(m)
+        let (value, escaped) = scan_value(s, src)?;
+        Some(match key {
+            "role" => {
+                m.role = token_str(value, escaped)?;
+                has_role = true;
+                1
+            }
+            "content" => {
+                m.content = match value.as_bytes()[0] {
+                    b'n' => None,
+                    b'"' => Some(InContent::Text(token_str(value, escaped)?)),
+                    b'[' => Some(InContent::Parts(serde_json::from_str(value).ok()?)),
+                    _ => return None,
+                };
+                2
+            }
+            "tool_call_id" => {
+                m.tool_call_id = opt_str(value, escaped)?;
+                8
+            }
+            "reasoning_content" => {
+                m.reasoning_content = opt_str(value, escaped)?;
+                16
+            }
+            _ => 0,
+        })
+    })?;
+    has_role.then_some(m)
 }
 
 #[derive(Deserialize)]

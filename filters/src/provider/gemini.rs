@@ -18,7 +18,7 @@ use sluice_config::Deployment;
 
 use super::common::{
     bad, canonical_escapes, now, object_fields, opt_str, parse_field, plain_u64, scan_array,
-    scan_tool_calls, scan_value, string_text, text, token_str, token_text, utf8,
+    scan_fields_at, scan_value, string_text, text, token_str, token_text, tool_calls_at, utf8,
     write_text_completion, ChunkWriter, InContent, InToolCall, Text, TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
@@ -466,8 +466,6 @@ fn read_messages(src: &str) -> Option<Vec<Message<'_>>> {
 }
 
 fn read_message<'a>(s: &mut Scanner, src: &'a str) -> Option<Message<'a>> {
-    s.eat(b'{').then_some(())?;
-    s.ws();
     let mut m = Message {
         role: Cow::Borrowed(""),
         content: None,
@@ -476,70 +474,47 @@ fn read_message<'a>(s: &mut Scanner, src: &'a str) -> Option<Message<'a>> {
         tool_call_id: None,
         content_token: false,
     };
-    // Fields seen (a repeated one is serde's error).
-    let mut seen = 0u8;
-    if !s.eat(b'}') {
-        loop {
-            let (key, escaped) = scan_value(s, src)?;
-            if escaped || !key.starts_with('"') {
-                return None;
-            }
-            s.ws();
-            s.eat(b':').then_some(())?;
-            s.ws();
-            let (value, escaped) = scan_value(s, src)?;
-            let bit = match &key[1..key.len() - 1] {
-                "role" => {
-                    m.role = token_str(value, escaped)?;
-                    1
-                }
-                "content" => {
-                    m.content = match value.as_bytes()[0] {
-                        b'n' => None,
-                        b'"' if !escaped => {
-                            Some(Content::Text(Cow::Borrowed(&value[1..value.len() - 1])))
-                        }
-                        b'"' if canonical_escapes(value.as_bytes()) => {
-                            m.content_token = true;
-                            Some(Content::Text(Cow::Borrowed(value)))
-                        }
-                        b'"' => Some(Content::Text(token_str(value, escaped)?)),
-                        b'[' => Some(Content::Parts(serde_json::from_str(value).ok()?)),
-                        _ => return None,
-                    };
-                    2
-                }
-                "name" => {
-                    m.name = opt_str(value, escaped)?;
-                    4
-                }
-                "tool_calls" => {
-                    m.tool_calls = match value.as_bytes()[0] {
-                        b'n' => None,
-                        b'[' => Some(scan_tool_calls(value)?),
-                        _ => return None,
-                    };
-                    8
-                }
-                "tool_call_id" => {
-                    m.tool_call_id = opt_str(value, escaped)?;
-                    16
-                }
-                _ => 0,
-            };
-            if seen & bit != 0 {
-                return None;
-            }
-            seen |= bit;
-            s.ws();
-            if s.eat(b'}') {
-                break;
-            }
-            s.eat(b',').then_some(())?;
-            s.ws();
+    let mut has_role = false;
+    scan_fields_at(s, src, |key, s| {
+        if key == "tool_calls" {
+            m.tool_calls = tool_calls_at(s, src)?;
+            return Some(8);
         }
-    }
-    (seen & 1 != 0).then_some(m)
+        let (value, escaped) = scan_value(s, src)?;
+        Some(match key {
+            "role" => {
+                m.role = token_str(value, escaped)?;
+                has_role = true;
+                1
+            }
+            "content" => {
+                m.content = match value.as_bytes()[0] {
+                    b'n' => None,
+                    b'"' if !escaped => {
+                        Some(Content::Text(Cow::Borrowed(&value[1..value.len() - 1])))
+                    }
+                    b'"' if canonical_escapes(value.as_bytes()) => {
+                        m.content_token = true;
+                        Some(Content::Text(Cow::Borrowed(value)))
+                    }
+                    b'"' => Some(Content::Text(token_str(value, escaped)?)),
+                    b'[' => Some(Content::Parts(serde_json::from_str(value).ok()?)),
+                    _ => return None,
+                };
+                2
+            }
+            "name" => {
+                m.name = opt_str(value, escaped)?;
+                4
+            }
+            "tool_call_id" => {
+                m.tool_call_id = opt_str(value, escaped)?;
+                16
+            }
+            _ => 0,
+        })
+    })?;
+    has_role.then_some(m)
 }
 
 type Converted<'a> = (Vec<Part<'a>>, Vec<Turn<'a>>);
