@@ -122,10 +122,6 @@ impl Panels {
         })
     }
 
-    pub fn dtype(&self) -> GgmlType {
-        self.dtype
-    }
-
     /// `out[i * rows + j] = w[j] · acts[i]` for every row and token, as
     /// [`crate::tensor::matmul_quantized`]; multi-threaded over panels.
     pub fn matmul(&self, acts: &QuantizedActs, out: &mut [f32]) {

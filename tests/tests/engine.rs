@@ -292,8 +292,9 @@ async fn metric(engine: &Engine, name: &str) -> f64 {
 async fn preemption_and_prefix_caching_leave_outputs_unchanged() {
     let models = real_models();
     // 40 blocks of 16 tokens: 16 concurrent sequences of ~70 tokens cannot all fit, so the
-    // scheduler must preempt and recompute some of them.
-    let per_block = 2 * 30 * 3 * 64 * 4 * 16;
+    // scheduler must preempt and recompute some of them. A block holds K and V for 30 layers,
+    // 3 KV heads and 64 dims per token, in f16.
+    let per_block = 2 * 30 * 3 * 64 * 2 * 16;
     let kv_bytes = (40 * per_block).to_string();
     let args = [
         "--max-model-len",
