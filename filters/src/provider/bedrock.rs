@@ -19,8 +19,9 @@ use sluice_config::Deployment;
 
 use super::common::{
     bad, now, object_fields, parse_field, plain_u64, read_messages, read_tools, scan_path,
-    scan_text_blocks, single_text, string_text, text, utf8, write_text_completion, CachedUsage,
-    ChunkWriter, InContent, InImageUrl, InMessage, InPart, InTool, Text, TextChoice,
+    scan_text_blocks, single_text, string_text, text, utf8, write_json, write_list,
+    write_text_completion, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart,
+    InTool, Text, TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -118,11 +119,6 @@ struct Turn<'a> {
     content: Vec<Block<'a>>,
 }
 
-/// Appends `value` as JSON.
-fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    serde_json::to_writer(out, value).expect("json serializes");
-}
-
 impl Turn<'_> {
     /// Appends the turn as serde_json writes it (field names as literals, text tokens copied).
     fn write(&self, out: &mut Vec<u8>) {
@@ -135,14 +131,7 @@ impl Turn<'_> {
 }
 
 fn write_blocks(out: &mut Vec<u8>, blocks: &[Block]) {
-    out.push(b'[');
-    for (i, b) in blocks.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        b.write(out);
-    }
-    out.push(b']');
+    write_list(out, blocks, |out, b| b.write(out));
 }
 
 impl Block<'_> {

@@ -840,6 +840,27 @@ pub(super) fn comparable(body: &[u8], generated: bool) -> String {
     serde_json::to_string(&v).expect("json serializes")
 }
 
+/// Appends `value` as JSON.
+pub(crate) fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(&mut *out, value).expect("json serializes");
+}
+
+/// Appends `[item, …]`, each item written by `write`.
+pub(crate) fn write_list<I: IntoIterator>(
+    out: &mut Vec<u8>,
+    items: I,
+    mut write: impl FnMut(&mut Vec<u8>, I::Item),
+) {
+    out.push(b'[');
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write(out, item);
+    }
+    out.push(b']');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,8 @@ use sluice_config::Deployment;
 use super::common::{
     bad, canonical_escapes, now, object_fields, opt_str, parse_field, plain_u64, scan_array,
     scan_fields_at, scan_value, string_text, text, token_str, token_text, tool_calls_at, utf8,
-    write_text_completion, ChunkWriter, InContent, InToolCall, Text, TextChoice,
+    write_json, write_list, write_text_completion, ChunkWriter, InContent, InToolCall, Text,
+    TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::{RequestBody, Scanner};
@@ -145,27 +146,6 @@ struct Turn<'a> {
 /// `s` as a JSON string.
 fn write_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("strings serialize");
-}
-
-/// `value` as JSON.
-fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    serde_json::to_writer(&mut *out, value).expect("json serializes");
-}
-
-/// `[item, …]`, each item written by `write`.
-fn write_list<I: IntoIterator>(
-    out: &mut Vec<u8>,
-    items: I,
-    mut write: impl FnMut(&mut Vec<u8>, I::Item),
-) {
-    out.push(b'[');
-    for (i, item) in items.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write(out, item);
-    }
-    out.push(b']');
 }
 
 /// Writes a JSON object: `{`, each field as `"key":` and its value with commas between, `}`.

@@ -11,8 +11,8 @@ use sluice_config::Deployment;
 
 use super::common::{
     bearer_request, now, object_fields, plain_u64, raw_value, read_messages, string_text, text,
-    usage_json, utf8, write_text_completion, ChunkWriter, InContent, InImageUrl, InMessage, Text,
-    TextChoice,
+    usage_json, utf8, write_json, write_text_completion, ChunkWriter, InContent, InImageUrl,
+    InMessage, Text, TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -169,11 +169,6 @@ struct OllamaMessage<'a> {
     images: Vec<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tool_calls: Vec<OllamaToolCall<'a>>,
-}
-
-/// Appends `value` as JSON.
-fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    serde_json::to_writer(out, value).expect("json serializes");
 }
 
 impl OllamaMessage<'_> {
