@@ -823,95 +823,52 @@ fn scan_object<'a>(
     src: &'a str,
     mut field: impl FnMut(&mut Scanner, &str) -> Option<u8>,
 ) -> Option<Option<FunctionIn<'a, Json<'a>>>> {
-    s.eat(b'{').then_some(())?;
-    s.ws();
-    let mut seen = 0u8;
     let mut function = None;
-    if !s.eat(b'}') {
-        loop {
-            let (key, escaped) = scan_value(s, src)?;
-            if escaped || !key.starts_with('"') {
-                return None;
-            }
-            s.ws();
-            s.eat(b':').then_some(())?;
-            s.ws();
-            let bit = field(s, &key[1..key.len() - 1])?;
-            if bit == 1 {
-                function = Some(scan_function_in(s, src)?);
-            }
-            if seen & bit != 0 {
-                return None;
-            }
-            seen |= bit;
-            s.ws();
-            if s.eat(b'}') {
-                break;
-            }
-            s.eat(b',').then_some(())?;
-            s.ws();
+    scan_fields_at(s, src, |key, s| {
+        let bit = field(s, key)?;
+        if bit == 1 {
+            function = Some(scan_function_in(s, src)?);
         }
-    }
+        Some(bit)
+    })?;
     Some(function)
 }
 
 /// A tool's `function` object at the scanner, its parameters parsed.
 fn scan_function_in<'a>(s: &mut Scanner, src: &'a str) -> Option<FunctionIn<'a, Json<'a>>> {
-    s.eat(b'{').then_some(())?;
-    s.ws();
     let mut f = FunctionIn {
         name: None,
         description: None,
         parameters: None,
     };
-    let mut seen = 0u8;
-    if !s.eat(b'}') {
-        loop {
-            let (key, escaped) = scan_value(s, src)?;
-            if escaped || !key.starts_with('"') {
-                return None;
+    scan_fields_at(s, src, |key, s| {
+        Some(match key {
+            "name" => {
+                let (value, escaped) = scan_value(s, src)?;
+                f.name = opt_str(value, escaped)?;
+                1
             }
-            s.ws();
-            s.eat(b':').then_some(())?;
-            s.ws();
-            let bit = match &key[1..key.len() - 1] {
-                "name" => {
-                    let (value, escaped) = scan_value(s, src)?;
-                    f.name = opt_str(value, escaped)?;
-                    1
-                }
-                "description" => {
-                    let (value, _) = scan_value(s, src)?;
-                    f.description = match value {
-                        "null" => None,
-                        raw => Some(serde_json::from_str(raw).ok()?),
-                    };
-                    2
-                }
-                "parameters" => {
-                    f.parameters = match scan_json_value(s, src, 0)? {
-                        Json::Null => None,
-                        schema => Some(schema),
-                    };
-                    4
-                }
-                _ => {
-                    scan_value(s, src)?;
-                    0
-                }
-            };
-            if seen & bit != 0 {
-                return None;
+            "description" => {
+                let (value, _) = scan_value(s, src)?;
+                f.description = match value {
+                    "null" => None,
+                    raw => Some(serde_json::from_str(raw).ok()?),
+                };
+                2
             }
-            seen |= bit;
-            s.ws();
-            if s.eat(b'}') {
-                break;
+            "parameters" => {
+                f.parameters = match scan_json_value(s, src, 0)? {
+                    Json::Null => None,
+                    schema => Some(schema),
+                };
+                4
             }
-            s.eat(b',').then_some(())?;
-            s.ws();
-        }
-    }
+            _ => {
+                scan_value(s, src)?;
+                0
+            }
+        })
+    })?;
     Some(f)
 }
 
