@@ -261,21 +261,10 @@ fn scan_object(src: &str) -> Option<FieldList<'_>> {
 fn find_special(b: &[u8]) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{
-            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
-            _mm_or_si128, _mm_set1_epi8,
-        };
         let mut at = 0;
         while at + 16 <= b.len() {
-            // SAFETY: SSE2 is part of x86_64; the 16 bytes loaded (unaligned) are within `b`.
-            let mask = unsafe {
-                let x = _mm_loadu_si128(b.as_ptr().add(at).cast::<__m128i>());
-                let quote = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8));
-                let backslash = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'\\' as i8));
-                // x < 0x20 exactly when min(x, 0x1f) == x (unsigned).
-                let ctrl = _mm_cmpeq_epi8(_mm_min_epu8(x, _mm_set1_epi8(0x1f)), x);
-                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), ctrl))
-            };
+            // SAFETY: the loop condition keeps the 16 bytes within `b`.
+            let mask = unsafe { special_mask16(b, at) };
             if mask != 0 {
                 return Some(at + mask.trailing_zeros() as usize);
             }
@@ -285,6 +274,29 @@ fn find_special(b: &[u8]) -> Option<usize> {
     }
     #[cfg(not(target_arch = "x86_64"))]
     find_special_swar(b)
+}
+
+/// Bit i set where byte `at + i` of `b` is `"`, `\\` or a control character, for i in 0..16.
+///
+/// # Safety
+/// `at + 16 <= b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn special_mask16(b: &[u8], at: usize) -> i32 {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+    debug_assert!(at + 16 <= b.len());
+    // SAFETY: SSE2 is part of x86_64; the caller keeps the 16 bytes loaded within `b`.
+    unsafe {
+        let x = _mm_loadu_si128(b.as_ptr().add(at).cast::<__m128i>());
+        let quote = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8));
+        let backslash = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'\\' as i8));
+        // x < 0x20 exactly when min(x, 0x1f) == x (unsigned).
+        let ctrl = _mm_cmpeq_epi8(_mm_min_epu8(x, _mm_set1_epi8(0x1f)), x);
+        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), ctrl))
+    }
 }
 
 /// [`find_special`] eight bytes at a time, each test a borrow into a byte's high bit (the
@@ -361,23 +373,11 @@ impl<'b> Scanner<'b> {
     pub(crate) fn string(&mut self) -> Option<bool> {
         #[cfg(target_arch = "x86_64")]
         {
-            use std::arch::x86_64::{
-                __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
-                _mm_or_si128, _mm_set1_epi8,
-            };
             let b = self.b;
             let mut at = self.i;
             while at + 16 <= b.len() {
-                // SAFETY: SSE2 is part of x86_64; the 16 bytes loaded (unaligned) are within
-                // `b`.
-                let mask = unsafe {
-                    let x = _mm_loadu_si128(b.as_ptr().add(at).cast::<__m128i>());
-                    let quote = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8));
-                    let backslash = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'\\' as i8));
-                    // x < 0x20 exactly when min(x, 0x1f) == x (unsigned).
-                    let ctrl = _mm_cmpeq_epi8(_mm_min_epu8(x, _mm_set1_epi8(0x1f)), x);
-                    _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), ctrl))
-                };
+                // SAFETY: the loop condition keeps the 16 bytes within `b`.
+                let mask = unsafe { special_mask16(b, at) };
                 if mask != 0 {
                     let end = at + mask.trailing_zeros() as usize;
                     if b[end] == b'"' {
