@@ -32,6 +32,7 @@ pub(crate) async fn run_all(store: Arc<dyn Store>) {
     write_spend_increments_every_level(&*store).await;
     write_spend_counts_each_request_once(&*store).await;
     spend_log_queries(&*store).await;
+    spend_rows_round_trip_exactly(&*store).await;
     concurrent_writers(store.clone()).await;
 }
 
@@ -468,6 +469,63 @@ async fn write_spend_counts_each_request_once(store: &dyn Store) {
         (third.spend, third.model.as_str()),
         (0.5, "gpt-4o-2024-08-06")
     );
+}
+
+/// Every field of a spend row reads back exactly as written: text that array literals, SQL or
+/// JSON would treat specially, and floats whose shortest decimal form is long or extreme.
+async fn spend_rows_round_trip_exactly(store: &dyn Store) {
+    let awkward = [
+        "",
+        "NULL",
+        " padded ",
+        "quote \" and backslash \\ and both \\\"",
+        "{braces, commas}",
+        "tab\tnewline\nü 🚀",
+        "'single' $1 ? %s",
+    ];
+    let spends = [
+        0.1 + 0.2,
+        1.0 / 3.0,
+        5e-324,
+        f64::MAX,
+        123_456.789e-10,
+        0.0,
+        -0.5,
+    ];
+    let rows: Vec<SpendRow> = awkward
+        .iter()
+        .zip(spends)
+        .enumerate()
+        .map(|(i, (text, spend))| {
+            let mut r = row(&format!("exact-{i}"), "exact-key", "exact-g", spend);
+            r.model = (*text).into();
+            r.api_base = format!("{text}/v1");
+            r.user = (i % 2 == 0).then(|| (*text).into());
+            r.team_id = (i % 3 == 0).then(|| format!("team {text}"));
+            r.end_user = (i % 2 == 1).then(|| (*text).into());
+            r.request_tags = vec![(*text).into(), "t".into()];
+            r.completion_start_time = (i % 2 == 0).then(|| at(i as i64, 654_321));
+            r.prompt_tokens = u64::from(u32::MAX) * (i as u64 + 1);
+            r.status_code = 400 + i as u16;
+            r
+        })
+        .collect();
+    store.write_spend(&rows).await.unwrap();
+    for r in &rows {
+        let query = SpendQuery {
+            request_id: Some(r.request_id.clone()),
+            ..Default::default()
+        };
+        let got = store.spend_logs(&query).await.unwrap();
+        assert_eq!(got.len(), 1, "{}", r.request_id);
+        assert_eq!(&got[0], r);
+        assert_eq!(
+            got[0].spend.to_bits(),
+            r.spend.to_bits(),
+            "{}",
+            r.request_id
+        );
+    }
 }
 
 async fn spend_log_queries(store: &dyn Store) {
