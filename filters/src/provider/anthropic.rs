@@ -150,11 +150,6 @@ fn content_blocks<'a>(
 ) -> Result<Vec<Block<'a>>, ApiError> {
     match content {
         None => Ok(vec![]),
-        Some(InContent::Text(s)) if s.is_empty() => Ok(vec![]),
-        Some(InContent::Text(s)) => Ok(vec![Block::Text {
-            text: text(src, s),
-            cache_control: None,
-        }]),
         Some(InContent::Parts(parts)) => {
             let mut blocks = Vec::with_capacity(parts.len());
             for p in parts {
@@ -162,6 +157,15 @@ fn content_blocks<'a>(
             }
             Ok(blocks)
         }
+        Some(content) => Ok(content
+            .as_text(src)
+            .filter(|t| !t.is_empty())
+            .map(|text| Block::Text {
+                text,
+                cache_control: None,
+            })
+            .into_iter()
+            .collect()),
     }
 }
 
@@ -204,7 +208,6 @@ fn image_block(url: &str) -> Result<Block<'_>, ApiError> {
 
 fn text_of<'a>(content: &'a Option<InContent<'a>>) -> Cow<'a, str> {
     match content {
-        Some(InContent::Text(s)) => Cow::Borrowed(s),
         Some(InContent::Parts(parts)) => Cow::Owned(
             parts
                 .iter()
@@ -212,6 +215,7 @@ fn text_of<'a>(content: &'a Option<InContent<'a>>) -> Cow<'a, str> {
                 .collect::<Vec<_>>()
                 .join("\n"),
         ),
+        Some(content) => content.as_str().unwrap_or_default(),
         None => Cow::Borrowed(""),
     }
 }
@@ -277,9 +281,9 @@ fn convert_messages<'a>(src: &'a str, raw: &'a [InMessage<'a>]) -> Result<Conver
                 let id = m.tool_call_id.as_deref().ok_or_else(|| {
                     bad("A tool message needs tool_call_id").with_param("messages")
                 })?;
-                let content = match &m.content {
-                    Some(InContent::Text(s)) => ToolResultContent::Text(text(src, s)),
-                    other => ToolResultContent::Blocks(content_blocks(src, other)?),
+                let content = match m.content.as_ref().and_then(|c| c.as_text(src)) {
+                    Some(text) => ToolResultContent::Text(text),
+                    None => ToolResultContent::Blocks(content_blocks(src, &m.content)?),
                 };
                 push_turn(
                     &mut messages,

@@ -174,14 +174,18 @@ fn content_blocks<'a>(
 ) -> Result<(), ApiError> {
     match content {
         None => {}
-        Some(InContent::Text(s)) if s.is_empty() => {}
-        Some(InContent::Text(s)) => out.push(Block::Text(text(src, s))),
         Some(InContent::Parts(parts)) => {
             let start = out.len();
             for p in parts {
                 part_block(src, p, start, out)?;
             }
         }
+        Some(content) => out.extend(
+            content
+                .as_text(src)
+                .filter(|t| !t.is_empty())
+                .map(Block::Text),
+        ),
     }
     Ok(())
 }
@@ -314,11 +318,11 @@ fn convert_messages<'a>(src: &'a str, raw: &'a [InMessage<'a>]) -> Result<Conver
                 let id = m.tool_call_id.as_deref().ok_or_else(|| {
                     bad("A tool message needs tool_call_id").with_param("messages")
                 })?;
-                let content = match &m.content {
-                    Some(InContent::Text(s)) => vec![Block::Text(text(src, s))],
-                    other => {
+                let content = match m.content.as_ref().and_then(|c| c.as_text(src)) {
+                    Some(text) => vec![Block::Text(text)],
+                    None => {
                         let mut content = vec![];
-                        content_blocks(src, other, &mut content)?;
+                        content_blocks(src, &m.content, &mut content)?;
                         content.retain(|b| !matches!(b, Block::CachePoint(_)));
                         content
                     }

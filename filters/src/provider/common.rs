@@ -49,6 +49,14 @@ impl Serialize for Text<'_> {
 }
 
 impl Text<'_> {
+    /// Whether the string is empty.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Text::Raw(token) => token.get().len() == 2,
+            Text::Str(text) => text.is_empty(),
+        }
+    }
+
     /// Appends the string as JSON to `out` (for translators that write their JSON by hand).
     pub fn write(&self, out: &mut Vec<u8>) {
         match self {
@@ -73,12 +81,6 @@ pub(super) fn text<'a>(src: &'a str, s: &'a str) -> Text<'a> {
         return Text::Str(Cow::Borrowed(s));
     }
     Text::Raw(Token(&src[start - 1..=end]))
-}
-
-/// `token`, a JSON string token (quotes included) that the caller checked serde_json would
-/// write the same way (see [`canonical_escapes`]), copied through as it is.
-pub(super) fn token_text(token: &str) -> Text<'_> {
-    Text::Raw(Token(token))
 }
 
 /// Whether every escape of a valid JSON string token is the one serde_json writes for the
@@ -147,7 +149,41 @@ pub(super) struct InMessage<'a> {
 /// Message content: a string or a list of parts (`P`: the part type a translator reads).
 pub(super) enum InContent<'a, P = InPart<'a>> {
     Text(Cow<'a, str>),
+    /// A string with escapes that serde_json would write back unchanged (see
+    /// [`canonical_escapes`]), kept as its token: written out as it came, without unescaping
+    /// and escaping it again. Only the scanners make it ([`string_content`]).
+    Token(Token<'a>),
     Parts(Vec<P>),
+}
+
+impl<'a, P> InContent<'a, P> {
+    /// String content as text to write out (`None` for parts); `src` as for [`text`].
+    pub fn as_text(&'a self, src: &'a str) -> Option<Text<'a>> {
+        match self {
+            InContent::Text(s) => Some(text(src, s)),
+            InContent::Token(t) => Some(Text::Raw(*t)),
+            InContent::Parts(_) => None,
+        }
+    }
+
+    /// String content as a string (`None` for parts).
+    pub fn as_str(&self) -> Option<Cow<'_, str>> {
+        match self {
+            InContent::Text(s) => Some(Cow::Borrowed(s)),
+            // A token is a valid JSON string by construction.
+            InContent::Token(t) => unescape(t.get()).map(Cow::Owned),
+            InContent::Parts(_) => None,
+        }
+    }
+}
+
+/// A string value token (`escaped`: it has escapes) as message content, as serde would read
+/// it, except that escapes serde_json would write back the same stay a [`InContent::Token`].
+pub(super) fn string_content<P>(token: &str, escaped: bool) -> Option<InContent<'_, P>> {
+    if escaped && canonical_escapes(token.as_bytes()) {
+        return Some(InContent::Token(Token(token)));
+    }
+    token_str(token, escaped).map(InContent::Text)
 }
 
 /// A string or a list of parts, read directly (an untagged enum would buffer every message).
@@ -520,7 +556,7 @@ fn scan_message<'a>(s: &mut Scanner, src: &'a str) -> Option<InMessage<'a>> {
             "content" => {
                 m.content = match value.as_bytes()[0] {
                     b'n' => None,
-                    b'"' => Some(InContent::Text(token_str(value, escaped)?)),
+                    b'"' => Some(string_content(value, escaped)?),
                     b'[' => Some(InContent::Parts(serde_json::from_str(value).ok()?)),
                     _ => return None,
                 };
@@ -903,6 +939,26 @@ mod tests {
             assert_eq!(unescape(token), serde, "{token}");
         }
         assert_eq!(token_str(r#""a\nb""#, true).unwrap(), "a\nb");
+    }
+
+    #[test]
+    fn string_content_reads_and_writes_as_serde_json_does() {
+        for (token, kept) in [
+            (r#""plain""#, false),
+            (r#""{\"flight\":\"NW218\"}\n\ttab \\ done""#, true),
+            (r#""caf\u00e9""#, false),
+            (r#""slash \/""#, false),
+            (r#""bell \u0007""#, true),
+        ] {
+            let escaped = token.contains('\\');
+            let content: InContent = string_content(token, escaped).unwrap();
+            assert_eq!(matches!(content, InContent::Token(_)), kept, "{token}");
+            let string: String = serde_json::from_str(token).unwrap();
+            assert_eq!(content.as_str().unwrap(), string, "{token}");
+            let mut written = vec![];
+            content.as_text(token).unwrap().write(&mut written);
+            assert_eq!(written, serde_json::to_vec(&string).unwrap(), "{token}");
+        }
     }
 
     #[test]

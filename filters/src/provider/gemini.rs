@@ -17,10 +17,9 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, canonical_escapes, now, object_fields, opt_str, parse_field, plain_u64, scan_array,
-    scan_fields_at, scan_value, string_text, text, token_str, token_text, tool_calls_at, utf8,
-    write_json, write_list, write_text_completion, ChunkWriter, InContent, InToolCall, Text,
-    TextChoice,
+    bad, now, object_fields, opt_str, parse_field, plain_u64, scan_array, scan_fields_at,
+    scan_value, string_content, string_text, text, token_str, tool_calls_at, utf8, write_json,
+    write_list, write_text_completion, ChunkWriter, InContent, InToolCall, Text, TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::{RequestBody, Scanner};
@@ -58,10 +57,6 @@ struct Message<'a> {
     tool_calls: Option<Vec<InToolCall<'a>>>,
     #[serde(default, borrow)]
     tool_call_id: Option<Cow<'a, str>>,
-    /// `content` is a `Text` that holds the client's JSON string token itself (quotes and
-    /// escapes included), to copy through (set by [`read_messages`] only).
-    #[serde(skip)]
-    content_token: bool,
 }
 
 /// Message content: a string or a list of OpenAI parts.
@@ -259,11 +254,6 @@ fn text_part<'a>(src: &'a str, s: &'a str) -> Part<'a> {
 fn content_parts<'a>(src: &'a str, m: &'a Message<'a>) -> Result<Vec<Part<'a>>, ApiError> {
     match &m.content {
         None => Ok(vec![]),
-        Some(Content::Text(s)) if s.is_empty() => Ok(vec![]),
-        Some(Content::Text(s)) if m.content_token => Ok(vec![Part::Text {
-            text: token_text(s),
-        }]),
-        Some(Content::Text(s)) => Ok(vec![text_part(src, s)]),
         Some(Content::Parts(parts)) => {
             let mut out = Vec::with_capacity(parts.len());
             for p in parts {
@@ -271,6 +261,12 @@ fn content_parts<'a>(src: &'a str, m: &'a Message<'a>) -> Result<Vec<Part<'a>>, 
             }
             Ok(out)
         }
+        Some(string) => Ok(string
+            .as_text(src)
+            .filter(|t| !t.is_empty())
+            .map(|text| Part::Text { text })
+            .into_iter()
+            .collect()),
     }
 }
 
@@ -363,35 +359,27 @@ fn guess_mime(url: &str) -> &'static str {
     }
 }
 
-fn text_of<'a>(content: &'a Option<Content<'a>>) -> Cow<'a, str> {
+/// A message's text to write out: its string content, or its text parts joined by newlines
+/// (`src`: see [`text`]).
+fn content_text<'a>(src: &'a str, content: &'a Option<Content<'a>>) -> Text<'a> {
     match content {
-        Some(Content::Text(s)) => Cow::Borrowed(s),
         Some(Content::Parts(parts)) => {
             let mut texts = parts.iter().filter_map(|p| p.text.as_deref());
             match (texts.next(), texts.next()) {
-                (None, _) => Cow::Borrowed(""),
-                (Some(one), None) => Cow::Borrowed(one),
+                (None, _) => Text::Str(Cow::Borrowed("")),
+                (Some(one), None) => text(src, one),
                 (Some(first), Some(second)) => {
                     let mut joined = format!("{first}\n{second}");
                     for t in texts {
                         joined.push('\n');
                         joined.push_str(t);
                     }
-                    Cow::Owned(joined)
+                    Text::Str(Cow::Owned(joined))
                 }
             }
         }
-        None => Cow::Borrowed(""),
-    }
-}
-
-/// Text read from `src` (the client's JSON), to write out (see [`text`]); `token`: `s` is the
-/// message's content token (see [`Message::content_token`]).
-fn out_text<'a>(src: &'a str, s: Cow<'a, str>, token: bool) -> Text<'a> {
-    match s {
-        Cow::Borrowed(s) if token => token_text(s),
-        Cow::Borrowed(s) => text(src, s),
-        owned => Text::Str(owned),
+        Some(string) => string.as_text(src).unwrap_or(Text::Str(Cow::Borrowed(""))),
+        None => Text::Str(Cow::Borrowed("")),
     }
 }
 
@@ -452,7 +440,6 @@ fn read_message<'a>(s: &mut Scanner, src: &'a str) -> Option<Message<'a>> {
         name: None,
         tool_calls: None,
         tool_call_id: None,
-        content_token: false,
     };
     let mut has_role = false;
     scan_fields_at(s, src, |key, s| {
@@ -470,14 +457,7 @@ fn read_message<'a>(s: &mut Scanner, src: &'a str) -> Option<Message<'a>> {
             "content" => {
                 m.content = match value.as_bytes()[0] {
                     b'n' => None,
-                    b'"' if !escaped => {
-                        Some(Content::Text(Cow::Borrowed(&value[1..value.len() - 1])))
-                    }
-                    b'"' if canonical_escapes(value.as_bytes()) => {
-                        m.content_token = true;
-                        Some(Content::Text(Cow::Borrowed(value)))
-                    }
-                    b'"' => Some(Content::Text(token_str(value, escaped)?)),
+                    b'"' => Some(string_content(value, escaped)?),
                     b'[' => Some(Content::Parts(serde_json::from_str(value).ok()?)),
                     _ => return None,
                 };
@@ -510,11 +490,9 @@ fn convert_messages<'a>(src: &'a str, raw: &'a [Message<'a>]) -> Result<Converte
     for m in raw {
         match m.role.as_ref() {
             "system" | "developer" => {
-                let text = text_of(&m.content);
+                let text = content_text(src, &m.content);
                 if !text.is_empty() {
-                    system.push(Part::Text {
-                        text: out_text(src, text, m.content_token),
-                    });
+                    system.push(Part::Text { text });
                 }
             }
             "user" => push_turn(&mut contents, "user", content_parts(src, m)?),
@@ -561,7 +539,7 @@ fn convert_messages<'a>(src: &'a str, raw: &'a [Message<'a>]) -> Result<Converte
                     "user",
                     vec![Part::FunctionResponse {
                         name,
-                        content: out_text(src, text_of(&m.content), m.content_token),
+                        content: content_text(src, &m.content),
                     }],
                 );
             }

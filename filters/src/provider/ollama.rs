@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bearer_request, now, object_fields, plain_u64, raw_value, read_messages, string_text, text,
+    bearer_request, now, object_fields, plain_u64, raw_value, read_messages, string_text,
     usage_json, utf8, write_json, write_text_completion, ChunkWriter, InContent, InImageUrl,
     InMessage, Text, TextChoice,
 };
@@ -206,7 +206,6 @@ struct OllamaFunction<'a> {
 fn ollama_message<'a>(src: &'a str, m: &'a InMessage<'a>) -> Result<OllamaMessage<'a>, ApiError> {
     let (content, images) = match &m.content {
         None => (Text::Str(Cow::Borrowed("")), vec![]),
-        Some(InContent::Text(t)) => (text(src, t), vec![]),
         Some(InContent::Parts(parts)) => {
             let mut text = String::new();
             let mut images = vec![];
@@ -227,6 +226,10 @@ fn ollama_message<'a>(src: &'a str, m: &'a InMessage<'a>) -> Result<OllamaMessag
             }
             (Text::Str(Cow::Owned(text)), images)
         }
+        Some(content) => (
+            content.as_text(src).unwrap_or(Text::Str(Cow::Borrowed(""))),
+            vec![],
+        ),
     };
     let mut tool_calls = vec![];
     for c in m.tool_calls.iter().flatten() {
