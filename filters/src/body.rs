@@ -330,6 +330,7 @@ fn find_special_swar(b: &[u8]) -> Option<usize> {
 
 /// A strict JSON scanner over bytes (JSON's grammar; strings are checked for control
 /// characters and escapes, UTF-8 was checked before).
+#[derive(Clone)]
 pub(crate) struct Scanner<'b> {
     b: &'b [u8],
     i: usize,

@@ -17,9 +17,10 @@ use serde_json::{json, Value};
 use sluice_config::Deployment;
 
 use super::common::{
-    bad, now, object_fields, opt_str, parse_field, plain_u64, scan_array, scan_fields_at,
-    scan_value, string_content, string_text, text, token_str, tool_calls_at, utf8, write_json,
-    write_list, write_text_completion, ChunkWriter, InContent, InToolCall, Text, TextChoice,
+    bad, canonical_escapes, now, object_fields, opt_str, parse_field, plain_u64, scan_array,
+    scan_fields_at, scan_value, string_content, string_text, text, token_str, tool_calls_at, utf8,
+    write_json, write_list, write_text_completion, ChunkWriter, InContent, InToolCall, Text,
+    TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::{RequestBody, Scanner};
@@ -759,7 +760,7 @@ fn scan_json_value<'a>(s: &mut Scanner, src: &'a str, depth: u32) -> Option<Json
 /// The client's `tools` (`src`, their JSON) read in one pass with the body's scanner, when
 /// every entry is a function tool: what serde reads as `ToolIn<Json>`. `None` (serde decides)
 /// for anything else: Gemini's own tools, malformed JSON, repeated fields, wrong types.
-fn scan_function_tools(src: &str) -> Option<Vec<ToolIn<'_, Json<'_>>>> {
+fn scan_function_tools(src: &str) -> Option<Vec<ToolIn<'_, Params<'_>>>> {
     let mut s = Scanner::new(src.as_bytes());
     s.ws();
     s.eat(b'[').then_some(())?;
@@ -800,7 +801,7 @@ fn scan_object<'a>(
     s: &mut Scanner,
     src: &'a str,
     mut field: impl FnMut(&mut Scanner, &str) -> Option<u8>,
-) -> Option<Option<FunctionIn<'a, Json<'a>>>> {
+) -> Option<Option<FunctionIn<'a, Params<'a>>>> {
     let mut function = None;
     scan_fields_at(s, src, |key, s| {
         let bit = field(s, key)?;
@@ -812,8 +813,9 @@ fn scan_object<'a>(
     Some(function)
 }
 
-/// A tool's `function` object at the scanner, its parameters parsed.
-fn scan_function_in<'a>(s: &mut Scanner, src: &'a str) -> Option<FunctionIn<'a, Json<'a>>> {
+/// A tool's `function` object at the scanner, its parameters written out already when they
+/// need no cleaning ([`write_clean_schema`]), else parsed.
+fn scan_function_in<'a>(s: &mut Scanner, src: &'a str) -> Option<FunctionIn<'a, Params<'a>>> {
     let mut f = FunctionIn {
         name: None,
         description: None,
@@ -835,9 +837,17 @@ fn scan_function_in<'a>(s: &mut Scanner, src: &'a str) -> Option<FunctionIn<'a, 
                 2
             }
             "parameters" => {
-                f.parameters = match scan_json_value(s, src, 0)? {
-                    Json::Null => None,
-                    schema => Some(schema),
+                let mut fast = s.clone();
+                let mut json = Vec::with_capacity(256);
+                f.parameters = match write_clean_schema(&mut fast, src, &mut json, 0) {
+                    Some(empty_object) => {
+                        *s = fast;
+                        Some(Params::Written { json, empty_object })
+                    }
+                    None => match scan_json_value(s, src, 0)? {
+                        Json::Null => None,
+                        schema => Some(Params::Tree(schema)),
+                    },
                 };
                 4
             }
@@ -848,6 +858,188 @@ fn scan_function_in<'a>(s: &mut Scanner, src: &'a str) -> Option<FunctionIn<'a, 
         })
     })?;
     Some(f)
+}
+
+/// A function's parameters as the scanner reads them.
+enum Params<'a> {
+    /// A schema that needed no cleaning, already written as [`Cleaned::write`] would write it,
+    /// and whether it is an object schema without properties (which Gemini refuses).
+    Written { json: Vec<u8>, empty_object: bool },
+    /// Any other schema, parsed to be cleaned.
+    Tree(Json<'a>),
+}
+
+/// The JSON Schema keywords that [`Schema`] keeps as they are (`type` when it names one
+/// type), each with its bit among an object's keywords.
+const CLEAN_KEYWORDS: [&str; 21] = [
+    "type",
+    "properties",
+    "items",
+    "format",
+    "title",
+    "description",
+    "nullable",
+    "enum",
+    "maxItems",
+    "minItems",
+    "required",
+    "minProperties",
+    "maxProperties",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "example",
+    "propertyOrdering",
+    "default",
+    "minimum",
+    "maximum",
+];
+
+/// Writes the object schema at the scanner (`depth` levels below the parameters) to `out`
+/// when cleaning would leave it as it is: only [`CLEAN_KEYWORDS`], `type` a single string,
+/// `properties` an object, no key repeated, strings whose escapes serde_json writes the same
+/// and integers serde_json writes back unchanged. The cleaned schema is then the client's
+/// JSON without its whitespace, written in one pass without a [`Json`] tree. Gives whether
+/// it is an object schema without properties; `None` (the tree decides, from the scanner's
+/// old position) for anything else, `out` then holding part of a write.
+fn write_clean_schema(s: &mut Scanner, src: &str, out: &mut Vec<u8>, depth: usize) -> Option<bool> {
+    // Deeper schemas are cut short by the tree path (see `Schema::too_deep`).
+    if depth > 16 || s.peek()? != b'{' {
+        return None;
+    }
+    let (mut seen, mut object_type, mut has_properties) = (0u32, false, false);
+    out.push(b'{');
+    scan_fields_at(s, src, |key, s| {
+        let bit = 1u32 << CLEAN_KEYWORDS.iter().position(|k| *k == key)?;
+        if seen & bit != 0 {
+            return None;
+        }
+        if seen != 0 {
+            out.push(b',');
+        }
+        seen |= bit;
+        write_key(out, key);
+        match key {
+            "type" => {
+                let (token, escaped) = scan_value(s, src)?;
+                if !token.starts_with('"') || escaped {
+                    return None;
+                }
+                object_type = token == "\"object\"";
+                out.extend_from_slice(token.as_bytes());
+            }
+            "properties" => {
+                if s.peek()? != b'{' {
+                    return None;
+                }
+                let mut names: Vec<&str> = Vec::new();
+                out.push(b'{');
+                scan_fields_at(s, src, |name, s| {
+                    if names.contains(&name) {
+                        return None;
+                    }
+                    if !names.is_empty() {
+                        out.push(b',');
+                    }
+                    names.push(name);
+                    write_key(out, name);
+                    write_subschema(s, src, out, depth + 1)?;
+                    Some(0)
+                })?;
+                out.push(b'}');
+                has_properties = !names.is_empty();
+            }
+            "items" => write_subschema(s, src, out, depth + 1)?,
+            _ => copy_canonical(s, src, out, 0)?,
+        }
+        Some(0)
+    })?;
+    out.push(b'}');
+    Some(object_type && !has_properties)
+}
+
+/// A subschema (a property's, or `items`): an object schema as [`write_clean_schema`] writes
+/// it, anything else copied as it is (as [`Cleaned::write`] does).
+fn write_subschema(s: &mut Scanner, src: &str, out: &mut Vec<u8>, depth: usize) -> Option<()> {
+    if s.peek()? == b'{' {
+        write_clean_schema(s, src, out, depth).map(|_| ())
+    } else {
+        copy_canonical(s, src, out, 0)
+    }
+}
+
+/// `"key":`, for a key the scanner read without escapes (nothing serde_json would escape).
+fn write_key(out: &mut Vec<u8>, key: &str) {
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+/// Copies the value at the scanner to `out` without whitespace when serde_json, reading it
+/// into a [`Json`] and writing it back, would give the same bytes; `None` otherwise (keys
+/// repeated, escapes it writes differently, numbers other than plain integers, nesting past
+/// `Json`'s depth).
+fn copy_canonical(s: &mut Scanner, src: &str, out: &mut Vec<u8>, depth: u32) -> Option<()> {
+    if depth == 64 {
+        return None;
+    }
+    match s.peek()? {
+        b'{' => {
+            let mut keys: Vec<&str> = Vec::new();
+            out.push(b'{');
+            scan_fields_at(s, src, |key, s| {
+                if keys.contains(&key) {
+                    return None;
+                }
+                if !keys.is_empty() {
+                    out.push(b',');
+                }
+                keys.push(key);
+                write_key(out, key);
+                copy_canonical(s, src, out, depth + 1)?;
+                Some(0)
+            })?;
+            out.push(b'}');
+        }
+        b'[' => {
+            s.eat(b'[');
+            s.ws();
+            out.push(b'[');
+            if !s.eat(b']') {
+                loop {
+                    copy_canonical(s, src, out, depth + 1)?;
+                    s.ws();
+                    if s.eat(b']') {
+                        break;
+                    }
+                    s.eat(b',').then_some(())?;
+                    s.ws();
+                    out.push(b',');
+                }
+            }
+            out.push(b']');
+        }
+        _ => {
+            let (token, escaped) = scan_value(s, src)?;
+            let canonical = match token.as_bytes()[0] {
+                b'"' => !escaped || canonical_escapes(token.as_bytes()),
+                b't' | b'f' | b'n' => true,
+                // Integers as serde_json keeps them (u64 or i64) are written back the same;
+                // other numbers become f64 and may be written differently ("1.0e2" as 100.0).
+                _ => {
+                    let digits = token.strip_prefix('-').unwrap_or(token);
+                    digits.len() <= 18
+                        && digits.bytes().all(|b| b.is_ascii_digit())
+                        && token != "-0"
+                }
+            };
+            if !canonical {
+                return None;
+            }
+            out.extend_from_slice(token.as_bytes());
+        }
+    }
+    Some(())
 }
 
 impl Json<'_> {
@@ -1189,7 +1381,13 @@ impl Tool<'_> {
 struct Declaration<'a> {
     name: &'a str,
     description: Option<&'a RawValue>,
-    parameters: Option<Cleaned<'a>>,
+    parameters: Option<Parameters<'a>>,
+}
+
+/// A declaration's parameters: written already by the scanner, or cleaned from the tree.
+enum Parameters<'a> {
+    Written(&'a [u8]),
+    Cleaned(Cleaned<'a>),
 }
 
 impl Declaration<'_> {
@@ -1200,9 +1398,16 @@ impl Declaration<'_> {
             out.extend_from_slice(b",\"description\":");
             out.extend_from_slice(description.get().as_bytes());
         }
-        if let Some(parameters) = &self.parameters {
-            out.extend_from_slice(b",\"parameters\":");
-            parameters.write(out);
+        match &self.parameters {
+            None => {}
+            Some(Parameters::Written(json)) => {
+                out.extend_from_slice(b",\"parameters\":");
+                out.extend_from_slice(json);
+            }
+            Some(Parameters::Cleaned(cleaned)) => {
+                out.extend_from_slice(b",\"parameters\":");
+                cleaned.write(out);
+            }
         }
         out.push(b'}');
     }
@@ -1233,10 +1438,14 @@ fn parse_tools<'a>(
     }
     // One pass, parameters included.
     if let (Ok(tools), Ok(functions)) = (
-        list_field(tools, "tools"),
-        list_field(functions, "functions"),
+        list_field::<ToolIn<Json>>(tools, "tools"),
+        list_field::<FunctionIn<Json>>(functions, "functions"),
     ) {
-        return split_tools(body, tools, functions);
+        let (functions, native) = split_tools(body, tools, functions)?;
+        return Ok((
+            functions.into_iter().map(FunctionIn::parsed).collect(),
+            native,
+        ));
     }
     // Something does not parse: the tools as raw JSON first, then each function's parameters,
     // so that the error is the one these steps have always reported.
@@ -1253,7 +1462,7 @@ fn parse_tools<'a>(
                 description: f.description,
                 parameters: f
                     .parameters
-                    .map(|p| serde_json::from_str::<Json>(p.get()))
+                    .map(|p| serde_json::from_str::<Json>(p.get()).map(Params::Tree))
                     .transpose()?,
             })
         })
@@ -1263,7 +1472,7 @@ fn parse_tools<'a>(
 }
 
 /// The client's functions and Gemini's own tools.
-type Functions<'a, P = Json<'a>> = (Vec<FunctionIn<'a, P>>, Vec<&'a RawValue>);
+type Functions<'a, P = Params<'a>> = (Vec<FunctionIn<'a, P>>, Vec<&'a RawValue>);
 
 /// Splits the client's tools (`body`: their JSON) into functions and Gemini's own tools (passed
 /// through as sent).
@@ -1292,9 +1501,20 @@ fn split_tools<'a, P>(
     Ok((declared, native))
 }
 
+impl<'a> FunctionIn<'a, Json<'a>> {
+    /// The function with its parameters parsed for cleaning.
+    fn parsed(self) -> FunctionIn<'a, Params<'a>> {
+        FunctionIn {
+            name: self.name,
+            description: self.description,
+            parameters: self.parameters.map(Params::Tree),
+        }
+    }
+}
+
 /// Function declarations.
 fn declarations<'a>(
-    functions: &'a [FunctionIn<'a, Json<'a>>],
+    functions: &'a [FunctionIn<'a, Params<'a>>],
 ) -> Result<Vec<Declaration<'a>>, ApiError> {
     functions
         .iter()
@@ -1308,11 +1528,15 @@ fn declarations<'a>(
                 description: f.description,
                 // Gemini rejects an OBJECT schema without properties: a function without
                 // arguments simply has no `parameters`.
-                parameters: f
-                    .parameters
-                    .as_ref()
-                    .map(|schema| Schema::new(schema).cleaned())
-                    .filter(|s| !s.is_empty_object()),
+                parameters: match &f.parameters {
+                    None => None,
+                    Some(Params::Written { json, empty_object }) => {
+                        (!empty_object).then_some(Parameters::Written(json))
+                    }
+                    Some(Params::Tree(schema)) => Some(Schema::new(schema).cleaned())
+                        .filter(|s| !s.is_empty_object())
+                        .map(Parameters::Cleaned),
+                },
             })
         })
         .collect()

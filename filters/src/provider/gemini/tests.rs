@@ -709,3 +709,68 @@ fn text_responses_are_written_as_the_value_path_writes_them() {
         );
     }
 }
+
+/// The scanner's one-pass writer of schemas that need no cleaning gives exactly what the tree
+/// path (parse, clean, write) gives, and leaves every schema that needs cleaning to the tree.
+#[test]
+fn clean_schemas_are_written_as_the_tree_writes_them() {
+    let tree = |schema: &str| {
+        let json: Json = serde_json::from_str(schema).unwrap();
+        let cleaned = Schema::new(&json).cleaned();
+        let mut out = vec![];
+        cleaned.write(&mut out);
+        (String::from_utf8(out).unwrap(), cleaned.is_empty_object())
+    };
+    let fast = |schema: &str| {
+        let mut s = Scanner::new(schema.as_bytes());
+        let mut out = vec![];
+        let empty = write_clean_schema(&mut s, schema, &mut out, 0)?;
+        assert_eq!(s.pos(), schema.len(), "{schema}: not read to its end");
+        Some((String::from_utf8(out).unwrap(), empty))
+    };
+    let clean = [
+        r#"{"type": "object", "properties": {"flight_number": {"type": "string", "description": "IATA flight number, e.g. NW218"}, "date": {"type": "string", "description": "Local departure date, YYYY-MM-DD"}}, "required": ["flight_number", "date"]}"#,
+        r#"{}"#,
+        r#"{"type":"object"}"#,
+        r#"{"type":"object","properties":{}}"#,
+        r#"{"type":"object","properties":{"a":{}}}"#,
+        r#"{ "type" : "array" , "items" : { "type" : "integer", "minimum": -5, "maximum": 120 }, "maxItems": 3 }"#,
+        r#"{"type":"array","items":true}"#,
+        r#"{"type":"string","enum":["a","b\n\"c\"",null,true,false,0,-7],"default":"a","example":{"x":[1,{"y":null}],"z":"w"}}"#,
+        r#"{"properties":{"s":{"type":"string","format":"date-time","pattern":"^\\d+$","nullable":true,"title":"S","minLength":1,"maxLength":9}},"propertyOrdering":["s"],"minProperties":1,"maxProperties":2}"#,
+        r#"{"properties":{"deep":{"properties":{"deeper":{"type":"object","properties":{"x":{"type":"number"}}}}}}}"#,
+    ];
+    for schema in clean {
+        assert_eq!(fast(schema), Some(tree(schema)), "{schema}");
+    }
+    let needs_the_tree = [
+        r#"{"type":["string","null"]}"#,
+        r#"{"anyOf":[{"type":"string"}]}"#,
+        r#"{"oneOf":[{"type":"string"}]}"#,
+        r#"{"const":"x"}"#,
+        r##"{"$ref":"#/$defs/a","$defs":{"a":{"type":"string"}}}"##,
+        r#"{"type":"object","additionalProperties":false}"#,
+        r##"{"$schema":"http://json-schema.org/draft-07/schema#","type":"object"}"##,
+        r#"{"type":"string","type":"integer"}"#,
+        r#"{"properties":{"a":{},"a":{"type":"string"}}}"#,
+        r#"{"properties":null}"#,
+        r#"{"type":"number","minimum":1.5}"#,
+        r#"{"type":"number","maximum":1e3}"#,
+        r#"{"type":"integer","minimum":-0}"#,
+        r#"{"type":"integer","maximum":123456789012345678901}"#,
+        r#"{"description":"caf\u00e9"}"#,
+        r#"{"description":"a\/b"}"#,
+        r#"{"default":{"k":1,"k":2}}"#,
+        r#"{"type":"\u0073tring"}"#,
+        r#"true"#,
+    ];
+    for schema in needs_the_tree {
+        assert_eq!(fast(schema), None, "{schema}");
+    }
+    // Nested deeper than the tree path writes in full.
+    let mut deep = String::from(r#"{"type":"string"}"#);
+    for _ in 0..17 {
+        deep = format!(r#"{{"type":"object","properties":{{"p":{deep}}}}}"#);
+    }
+    assert_eq!(fast(&deep), None);
+}
