@@ -13,7 +13,8 @@ use sluice_config::Deployment;
 use super::common::{
     bad, now, object_fields, parse_field, plain_u64, read_messages, read_tools, scan_text_blocks,
     single_text, string_text, text, utf8, write_json, write_list, write_text_completion,
-    CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart, InTool, Text, TextChoice,
+    CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart, InTool, RawJson, Text,
+    TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -307,16 +308,38 @@ fn convert_messages<'a>(src: &'a str, raw: &'a [InMessage<'a>]) -> Result<Conver
 struct OutTool<'a> {
     name: Cow<'a, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a RawValue>,
+    description: Option<RawJson<'a>>,
     input_schema: Schema<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    cache_control: Option<&'a RawValue>,
+    cache_control: Option<RawJson<'a>>,
+}
+
+impl OutTool<'_> {
+    /// Appends the tool as serde_json writes it.
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"name\":");
+        write_json(out, self.name.as_ref());
+        if let Some(description) = &self.description {
+            out.extend_from_slice(b",\"description\":");
+            description.write(out);
+        }
+        out.extend_from_slice(b",\"input_schema\":");
+        match &self.input_schema {
+            Schema::Raw(raw) => raw.write(out),
+            Schema::Built(value) => write_json(out, value),
+        }
+        if let Some(cache_control) = &self.cache_control {
+            out.extend_from_slice(b",\"cache_control\":");
+            cache_control.write(out);
+        }
+        out.push(b'}');
+    }
 }
 
 #[derive(Serialize)]
 #[serde(untagged)]
 enum Schema<'a> {
-    Raw(&'a RawValue),
+    Raw(RawJson<'a>),
     Built(Value),
 }
 
@@ -505,11 +528,8 @@ pub(super) fn build_request(
     })
 }
 
-fn json_tool_description() -> &'static RawValue {
-    static DESCRIPTION: std::sync::OnceLock<Box<RawValue>> = std::sync::OnceLock::new();
-    DESCRIPTION.get_or_init(|| {
-        RawValue::from_string("\"Respond with a JSON object.\"".to_string()).expect("valid JSON")
-    })
+fn json_tool_description() -> RawJson<'static> {
+    RawJson::literal("\"Respond with a JSON object.\"")
 }
 
 /// The Messages API request body.
@@ -585,7 +605,7 @@ impl MessagesRequest<'_> {
         }
         if !self.tools.is_empty() {
             out.extend_from_slice(b",\"tools\":");
-            write_json(out, &self.tools);
+            write_list(out, &self.tools, |out, tool| tool.write(out));
         }
         if let Some(choice) = &self.tool_choice {
             out.extend_from_slice(b",\"tool_choice\":");

@@ -21,7 +21,7 @@ use super::common::{
     bad, now, object_fields, parse_field, plain_u64, read_messages, read_tools, scan_path,
     scan_text_blocks, single_text, string_text, text, utf8, write_json, write_list,
     write_text_completion, CachedUsage, ChunkWriter, InContent, InImageUrl, InMessage, InPart,
-    InTool, Text, TextChoice,
+    InTool, RawJson, Text, TextChoice,
 };
 use super::{unsupported_params, CallOptions, Operation, UpstreamRequest};
 use crate::body::RequestBody;
@@ -357,8 +357,35 @@ enum ToolEntry<'a> {
 struct ToolSpec<'a> {
     name: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a RawValue>,
+    description: Option<RawJson<'a>>,
     input_schema: InputSchema<'a>,
+}
+
+impl ToolEntry<'_> {
+    /// Appends the entry as serde_json writes it.
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            ToolEntry::ToolSpec(spec) => {
+                out.extend_from_slice(b"{\"toolSpec\":{\"name\":");
+                write_json(out, spec.name);
+                if let Some(description) = &spec.description {
+                    out.extend_from_slice(b",\"description\":");
+                    description.write(out);
+                }
+                out.extend_from_slice(b",\"inputSchema\":{\"json\":");
+                match &spec.input_schema.json {
+                    Schema::Raw(raw) => raw.write(out),
+                    Schema::Built(value) => write_json(out, value),
+                }
+                out.extend_from_slice(b"}}}");
+            }
+            ToolEntry::CachePoint(point) => {
+                out.extend_from_slice(b"{\"cachePoint\":");
+                write_json(out, point);
+                out.push(b'}');
+            }
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -369,7 +396,7 @@ struct InputSchema<'a> {
 #[derive(Serialize)]
 #[serde(untagged)]
 enum Schema<'a> {
-    Raw(&'a RawValue),
+    Raw(RawJson<'a>),
     Built(Value),
 }
 
@@ -475,9 +502,14 @@ impl ConverseRequest<'_> {
             out.extend_from_slice(b",\"additionalModelRequestFields\":");
             write_json(out, &self.additional_model_request_fields);
         }
-        if let Some(tools) = &self.tool_config {
-            out.extend_from_slice(b",\"toolConfig\":");
-            write_json(out, tools);
+        if let Some(config) = &self.tool_config {
+            out.extend_from_slice(b",\"toolConfig\":{\"tools\":");
+            write_list(out, &config.tools, |out, entry| entry.write(out));
+            if let Some(choice) = &config.tool_choice {
+                out.extend_from_slice(b",\"toolChoice\":");
+                write_json(out, choice);
+            }
+            out.push(b'}');
         }
         out.push(b'}');
     }

@@ -614,13 +614,47 @@ pub(super) struct InFunction<'a> {
     pub arguments: Cow<'a, str>,
 }
 
+/// A JSON value of the client's body (its text, valid JSON: read by the scanner or by serde)
+/// to copy through as it is. Unlike `&RawValue`, the scanner can make one without serde_json
+/// checking the text a second time.
+#[derive(Clone, Copy)]
+pub(super) struct RawJson<'a>(&'a str);
+
+impl<'a> RawJson<'a> {
+    /// A JSON literal written in the code (which must be valid JSON).
+    pub const fn literal(json: &'static str) -> RawJson<'static> {
+        RawJson(json)
+    }
+
+    /// Appends the JSON text to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.0.as_bytes());
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawJson<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'de RawValue>::deserialize(d).map(|raw| RawJson(raw.get()))
+    }
+}
+
+impl Serialize for RawJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Valid JSON by construction, so this parse (which serde needs to copy JSON text
+        // through) cannot fail; translators write their bodies by hand and never pay for it.
+        serde_json::from_str::<&RawValue>(self.0)
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s)
+    }
+}
+
 /// One OpenAI tool definition, borrowed; schemas and descriptions stay raw JSON.
 #[derive(Deserialize)]
 pub(super) struct InTool<'a> {
     #[serde(default, borrow)]
     pub function: Option<InToolFunction<'a>>,
     #[serde(default, borrow)]
-    pub cache_control: Option<&'a RawValue>,
+    pub cache_control: Option<RawJson<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -628,20 +662,81 @@ pub(super) struct InToolFunction<'a> {
     #[serde(default, borrow)]
     pub name: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    pub description: Option<&'a RawValue>,
+    pub description: Option<RawJson<'a>>,
     #[serde(default, borrow)]
-    pub parameters: Option<&'a RawValue>,
+    pub parameters: Option<RawJson<'a>>,
 }
 
-/// The client's `tools` (`raw`, the field's JSON; absent or `null`: none) as [`InTool`]s.
-/// serde reads them: it copies schemas through as raw JSON in one pass, which the scanner
-/// cannot do without a second one.
+/// The client's `tools` (`raw`, the field's JSON; absent or `null`: none) as [`InTool`]s:
+/// read with the body's scanner where it can ([`scan_tool`]), else by serde, which gives any
+/// error.
 pub(super) fn read_tools(raw: Option<&str>) -> Result<Vec<InTool<'_>>, ApiError> {
     match raw {
         None | Some("null") => Ok(vec![]),
-        Some(src) => serde_json::from_str(src)
-            .map_err(|e| bad(format!("Invalid request body: `tools`: {e}")).with_param("tools")),
+        Some(src) => match scan_array(src, scan_tool) {
+            Some(tools) => Ok(tools),
+            None => serde_json::from_str(src).map_err(|e| {
+                bad(format!("Invalid request body: `tools`: {e}")).with_param("tools")
+            }),
+        },
     }
+}
+
+/// One tool at the scanner, as serde reads an [`InTool`]; `None` (serde decides) for anything
+/// unusual: malformed JSON, repeated fields, wrong types.
+fn scan_tool<'a>(s: &mut Scanner, src: &'a str) -> Option<InTool<'a>> {
+    let mut tool = InTool {
+        function: None,
+        cache_control: None,
+    };
+    scan_fields_at(s, src, |key, s| {
+        if key == "function" {
+            tool.function = match s.peek()? {
+                b'n' => s.literal(b"null").map(|_| None)?,
+                _ => Some(scan_tool_function(s, src)?),
+            };
+            return Some(1);
+        }
+        let (value, _) = scan_value(s, src)?;
+        if key != "cache_control" {
+            return Some(0);
+        }
+        tool.cache_control = raw_json(value);
+        Some(2)
+    })?;
+    Some(tool)
+}
+
+fn scan_tool_function<'a>(s: &mut Scanner, src: &'a str) -> Option<InToolFunction<'a>> {
+    let mut f = InToolFunction {
+        name: None,
+        description: None,
+        parameters: None,
+    };
+    scan_fields_at(s, src, |key, s| {
+        let (value, escaped) = scan_value(s, src)?;
+        Some(match key {
+            "name" => {
+                f.name = opt_str(value, escaped)?;
+                1
+            }
+            "description" => {
+                f.description = raw_json(value);
+                2
+            }
+            "parameters" => {
+                f.parameters = raw_json(value);
+                4
+            }
+            _ => 0,
+        })
+    })?;
+    Some(f)
+}
+
+/// A value token as serde reads an `Option<RawJson>`: `null` is `None`.
+fn raw_json(token: &str) -> Option<RawJson<'_>> {
+    (token != "null").then_some(RawJson(token))
 }
 
 /// A request authenticated with `Authorization: Bearer <api_key>` (when the deployment has a
@@ -958,6 +1053,50 @@ mod tests {
             let mut written = vec![];
             content.as_text(token).unwrap().write(&mut written);
             assert_eq!(written, serde_json::to_vec(&string).unwrap(), "{token}");
+        }
+    }
+
+    #[test]
+    fn tools_scan_as_serde_reads_them() {
+        type Seen<'a> = Vec<(
+            Option<String>,
+            Option<&'a str>,
+            Option<&'a str>,
+            Option<&'a str>,
+        )>;
+        fn seen<'a>(tools: &[InTool<'a>]) -> Seen<'a> {
+            tools
+                .iter()
+                .map(|t| {
+                    let f = t.function.as_ref();
+                    (
+                        f.and_then(|f| f.name.as_deref().map(str::to_string)),
+                        f.and_then(|f| f.description.map(|d| d.0)),
+                        f.and_then(|f| f.parameters.map(|p| p.0)),
+                        t.cache_control.map(|c| c.0),
+                    )
+                })
+                .collect()
+        }
+        for src in [
+            r#"[]"#,
+            r#"[{"type": "function", "function": {"name": "get_w\u0065ather", "description": "Look \"up\" weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]"#,
+            r#"[{"type":"function","function":{"name":"f","parameters":null,"strict":true},"cache_control":{"type":"ephemeral"}},{"function":null},{}]"#,
+            r#"[{"function":{"name":null,"description":null}, "cache_control": null}]"#,
+        ] {
+            let scanned = scan_array(src, scan_tool).unwrap_or_else(|| panic!("{src}"));
+            let serde: Vec<InTool> = serde_json::from_str(src).unwrap();
+            assert_eq!(seen(&scanned), seen(&serde), "{src}");
+        }
+        for odd in [
+            r#"[{"function":{"name":"f"},"function":{"name":"g"}}]"#,
+            r#"[{"function":"f"}]"#,
+            r#"[{"function":{"name":1}}]"#,
+            r#"[{"function":{"name":"f","parameters":{"a":}}}]"#,
+            r#"{"function":{"name":"f"}}"#,
+        ] {
+            assert!(scan_array(odd, scan_tool).is_none(), "{odd}");
+            assert!(read_tools(Some(odd)).is_err(), "{odd}");
         }
     }
 
