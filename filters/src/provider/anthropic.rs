@@ -368,21 +368,56 @@ fn convert_tools<'a>(tools: &'a [InTool<'a>]) -> Result<Vec<OutTool<'a>>, ApiErr
         .collect()
 }
 
-fn convert_tool_choice(choice: &Value, parallel: Option<bool>) -> Result<Option<Value>, ApiError> {
-    let mut out = match choice {
-        Value::String(s) if s == "auto" => json!({"type": "auto"}),
-        Value::String(s) if s == "required" || s == "any" => json!({"type": "any"}),
-        Value::String(s) if s == "none" => json!({"type": "none"}),
-        Value::Object(_) => match choice.pointer("/function/name").and_then(Value::as_str) {
-            Some(name) => json!({"type": "tool", "name": name}),
-            None => return Err(bad("tool_choice names no function").with_param("tool_choice")),
-        },
-        Value::Null => return Ok(None),
-        other => return Err(bad(format!("Invalid tool_choice: {other}")).with_param("tool_choice")),
-    };
-    if parallel == Some(false) {
-        out["disable_parallel_tool_use"] = json!(true);
+/// Anthropic's `tool_choice`. Fields in the sorted order the `Value` it replaced wrote them in.
+#[derive(Serialize)]
+struct ToolChoice {
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    disable_parallel_tool_use: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+impl ToolChoice {
+    fn of(kind: &'static str, name: Option<String>) -> Self {
+        ToolChoice {
+            disable_parallel_tool_use: false,
+            name,
+            kind,
+        }
     }
+}
+
+/// The client's `tool_choice` (`raw`, its JSON) as Anthropic's; the usual `"auto"` without
+/// parsing it.
+fn convert_tool_choice(
+    raw: Option<&str>,
+    parallel: Option<bool>,
+) -> Result<Option<ToolChoice>, ApiError> {
+    let mut out = match raw {
+        None | Some("null") => return Ok(None),
+        Some("\"auto\"") => ToolChoice::of("auto", None),
+        Some(raw) => match serde_json::from_str::<Value>(raw).map_err(|e| {
+            bad(format!("Invalid request body: `tool_choice`: {e}")).with_param("tool_choice")
+        })? {
+            Value::String(s) if s == "auto" => ToolChoice::of("auto", None),
+            Value::String(s) if s == "required" || s == "any" => ToolChoice::of("any", None),
+            Value::String(s) if s == "none" => ToolChoice::of("none", None),
+            choice @ Value::Object(_) => {
+                match choice.pointer("/function/name").and_then(Value::as_str) {
+                    Some(name) => ToolChoice::of("tool", Some(name.to_string())),
+                    None => {
+                        return Err(bad("tool_choice names no function").with_param("tool_choice"))
+                    }
+                }
+            }
+            other => {
+                return Err(bad(format!("Invalid tool_choice: {other}")).with_param("tool_choice"))
+            }
+        },
+    };
+    out.disable_parallel_tool_use = parallel == Some(false);
     Ok(Some(out))
 }
 
@@ -455,10 +490,7 @@ pub(super) fn build_request(
     let in_tools = read_tools(body.raw("tools"))?;
     let mut tools = convert_tools(&in_tools)?;
     let parallel: Option<bool> = parse_field(body, "parallel_tool_calls")?;
-    let mut tool_choice = match parse_field::<Value>(body, "tool_choice")? {
-        Some(c) => convert_tool_choice(&c, parallel)?,
-        None => None,
-    };
+    let mut tool_choice = convert_tool_choice(body.raw("tool_choice"), parallel)?;
     if let Some(format) = parse_field::<Value>(body, "response_format")? {
         let schema = match format.get("type").and_then(Value::as_str) {
             Some("json_schema") => Some(
@@ -481,7 +513,7 @@ pub(super) fn build_request(
                 input_schema: Schema::Built(schema),
                 cache_control: None,
             });
-            tool_choice = Some(json!({"type": "tool", "name": JSON_TOOL}));
+            tool_choice = Some(ToolChoice::of("tool", Some(JSON_TOOL.to_string())));
         }
     }
     let out = MessagesRequest {
@@ -557,7 +589,7 @@ struct MessagesRequest<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tools: Vec<OutTool<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    tool_choice: Option<Value>,
+    tool_choice: Option<ToolChoice>,
 }
 
 impl MessagesRequest<'_> {

@@ -256,3 +256,39 @@ fn text_responses_are_written_as_the_value_path_writes_them() {
         assert_eq!(fast.ok(), value.ok(), "{}", String::from_utf8_lossy(body));
     }
 }
+
+#[test]
+fn tool_choice_maps_every_openai_form() {
+    let choice = |c: &str| {
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"tools":[{{"type":"function","function":{{"name":"f"}}}}],"tool_choice":{c}}}"#
+        );
+        build(body.as_bytes(), CallOptions::default()).map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            v.get("tool_choice").cloned()
+        })
+    };
+    assert_eq!(choice(r#""auto""#).unwrap(), Some(json!({"type": "auto"})));
+    assert_eq!(
+        choice(r#" "auto" "#).unwrap(),
+        Some(json!({"type": "auto"}))
+    );
+    assert_eq!(choice(r#""none""#).unwrap(), Some(json!({"type": "none"})));
+    assert_eq!(
+        choice(r#""required""#).unwrap(),
+        Some(json!({"type": "any"}))
+    );
+    assert_eq!(choice("null").unwrap(), None);
+    assert_eq!(
+        choice(r#"{"type":"function","function":{"name":"f"}}"#).unwrap(),
+        Some(json!({"type": "tool", "name": "f"}))
+    );
+    for bad_choice in [r#"{"type":"function"}"#, "7", r#""sometimes""#] {
+        let e = choice(bad_choice).unwrap_err();
+        assert_eq!(
+            (e.status, e.param.as_deref()),
+            (400, Some("tool_choice")),
+            "{bad_choice}"
+        );
+    }
+}
