@@ -620,12 +620,14 @@ pub(super) struct InFunction<'a> {
 #[derive(Clone, Copy)]
 pub(super) struct RawJson<'a>(&'a str);
 
-impl<'a> RawJson<'a> {
+impl RawJson<'static> {
     /// A JSON literal written in the code (which must be valid JSON).
-    pub const fn literal(json: &'static str) -> RawJson<'static> {
+    pub const fn literal(json: &'static str) -> Self {
         RawJson(json)
     }
+}
 
+impl RawJson<'_> {
     /// Appends the JSON text to `out`.
     pub fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(self.0.as_bytes());

@@ -1,8 +1,9 @@
 //! The SQL [`Store`]: one implementation for SQLite and Postgres on `sqlx::AnyPool`.
 //!
 //! Both databases run the same SQL text (`$N` placeholders and `INSERT .. ON CONFLICT` work on
-//! both), except for the placeholders of multi-row `VALUES` lists (see `values_list`). What
-//! else differs is confined to [`Backend`]: the migration files, how a write transaction
+//! both), except for the placeholders of multi-row `VALUES` lists (see `values_list`) and the
+//! usual spend-log insert, which Postgres takes as unnested arrays (see `PG_UNNEST_INSERT`).
+//! What else differs is confined to [`Backend`]: the migration files, how a write transaction
 //! begins (`BEGIN IMMEDIATE` on SQLite, so that a transaction never has to upgrade a read lock
 //! and fail with `SQLITE_BUSY`), and the Postgres advisory locks that serialise migrations and
 //! change-log writes across processes.
@@ -83,10 +84,17 @@ const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = N
 /// caches at most a dozen distinct prepared statements, whatever the batch sizes.
 const MAX_ROWS_PER_INSERT: usize = 512;
 
-const LOG_COLUMNS: &str = "request_id, call_type, api_key, spend, prompt_tokens, \
-    completion_tokens, total_tokens, start_time, end_time, completion_start_time, model, \
-    model_id, model_group, custom_llm_provider, api_base, user_id, team_id, end_user, status, \
-    status_code, request_tags";
+/// The spend log's columns, in [`SpendRow`]'s order (a macro, so that `concat!` can build
+/// statements from it).
+macro_rules! log_columns {
+    () => {
+        "request_id, call_type, api_key, spend, prompt_tokens, completion_tokens, total_tokens, \
+         start_time, end_time, completion_start_time, model, model_id, model_group, \
+         custom_llm_provider, api_base, user_id, team_id, end_user, status, status_code, \
+         request_tags"
+    };
+}
+const LOG_COLUMNS: &str = log_columns!();
 const LOG_COLUMN_COUNT: usize = 21;
 const _: () = assert!(MAX_ROWS_PER_INSERT * LOG_COLUMN_COUNT <= 32_766);
 
@@ -96,14 +104,14 @@ const _: () = assert!(MAX_ROWS_PER_INSERT * LOG_COLUMN_COUNT <= 32_766);
 /// `spend_write_bench` its CPU per row fell from about 16 µs to about 9. No `ON CONFLICT`
 /// either (it costs the server another ~2 µs per row): a request id already stored fails the
 /// statement with a unique violation, and the batch is redone the careful way.
-const PG_UNNEST_INSERT: &str = "INSERT INTO sluice_spend_logs (request_id, call_type, api_key, \
-    spend, prompt_tokens, completion_tokens, total_tokens, start_time, end_time, \
-    completion_start_time, model, model_id, model_group, custom_llm_provider, api_base, user_id, \
-    team_id, end_user, status, status_code, request_tags) \
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::int8[], \
-    $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[], \
-    $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], \
-    $20::int4[], $21::text[])";
+const PG_UNNEST_INSERT: &str = concat!(
+    "INSERT INTO sluice_spend_logs (",
+    log_columns!(),
+    ") SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::int8[], \
+     $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[], \
+     $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], \
+     $19::text[], $20::int4[], $21::text[])"
+);
 
 /// Spend rows per unnest statement on Postgres (which has no parameter-count limit to meet):
 /// bounds the size of one statement's arrays.
@@ -597,10 +605,11 @@ impl Store for SqlStore {
         if rows.is_empty() {
             return Ok(());
         }
-        // Nearly always every row is new: insert without RETURNING and check the counts. Only
-        // when some request id was already stored (a batch retried after a commit whose answer
-        // was lost) or repeats in the batch, roll back and insert again learning which rows
-        // went in, so that increments still come from inserted rows alone.
+        // Nearly always every row is new: insert without RETURNING and check the counts (on
+        // Postgres, without ON CONFLICT either, so a stored id fails the insert). Only when
+        // some request id was already stored (a batch retried after a commit whose answer was
+        // lost) or repeats in the batch, roll back and insert again learning which rows went
+        // in, so that increments still come from inserted rows alone.
         let mut tx = self.begin_write().await.map_err(db_err)?;
         let mut all_new = true;
         match self.backend {
