@@ -2693,10 +2693,10 @@ impl GeminiStream {
     }
 
     /// A text (or reasoning) delta.
-    fn text_chunk(&self, index: u64, key: &[u8], text: &str, out: &mut Vec<u8>) {
+    fn text_chunk(&self, index: u64, key: &[u8], text: Text, out: &mut Vec<u8>) {
         self.open(index, out);
         out.extend_from_slice(key);
-        serde_json::to_writer(&mut *out, text).expect("strings serialize");
+        text.write(out);
         out.push(b'}');
         Self::close(None, out);
     }
@@ -2718,7 +2718,12 @@ impl GeminiStream {
         let Some(data) = event_data(event) else {
             return;
         };
-        let Ok(v) = serde_json::from_slice::<StreamEvent>(data) else {
+        // UTF-8 checked once for the event (ASCII, many bytes at a time), so that serde reads
+        // a `str` and does not check every borrowed string again.
+        let Some(src) = utf8(data) else {
+            return;
+        };
+        let Ok(v) = serde_json::from_str::<StreamEvent>(src) else {
             return;
         };
         if let Some(e) = &v.error {
@@ -2782,7 +2787,7 @@ impl GeminiStream {
                     } else {
                         b"{\"content\":"
                     };
-                    self.text_chunk(index, key, t, out);
+                    self.text_chunk(index, key, text(src, t), out);
                 }
             }
             if let Some(reason) = c.finish_reason.as_deref() {
