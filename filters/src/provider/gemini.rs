@@ -427,7 +427,7 @@ fn empty_args() -> &'static RawValue {
 /// The messages (`src`, the JSON of the `messages` field) read directly, without serde, for the
 /// common shapes: the same values serde would give (strings borrowed unless they have escapes),
 /// except that string content with escapes is kept as its token when serde_json would write it
-/// back the same ([`Message::content_token`]), saving an unescape and an escape. `None` (serde
+/// back the same ([`InContent::Token`]), saving an unescape and an escape. `None` (serde
 /// decides, and gives any error) for anything else: malformed JSON, keys with escapes,
 /// repeated fields, wrong types, a missing role.
 fn read_messages(src: &str) -> Option<Vec<Message<'_>>> {
@@ -869,34 +869,9 @@ enum Params<'a> {
     Tree(Json<'a>),
 }
 
-/// The JSON Schema keywords that [`Schema`] keeps as they are (`type` when it names one
-/// type), each with its bit among an object's keywords.
-const CLEAN_KEYWORDS: [&str; 21] = [
-    "type",
-    "properties",
-    "items",
-    "format",
-    "title",
-    "description",
-    "nullable",
-    "enum",
-    "maxItems",
-    "minItems",
-    "required",
-    "minProperties",
-    "maxProperties",
-    "minLength",
-    "maxLength",
-    "pattern",
-    "example",
-    "propertyOrdering",
-    "default",
-    "minimum",
-    "maximum",
-];
-
 /// Writes the object schema at the scanner (`depth` levels below the parameters) to `out`
-/// when cleaning would leave it as it is: only [`CLEAN_KEYWORDS`], `type` a single string,
+/// when cleaning would leave it as it is: only keywords [`keyword_kind`] keeps as they are
+/// (`type`, `properties`, `items` and the copied ones), `type` a single string,
 /// `properties` an object, no key repeated, strings whose escapes serde_json writes the same
 /// and integers serde_json writes back unchanged. The cleaned schema is then the client's
 /// JSON without its whitespace, written in one pass without a [`Json`] tree. Gives whether
@@ -907,20 +882,30 @@ fn write_clean_schema(s: &mut Scanner, src: &str, out: &mut Vec<u8>, depth: usiz
     if depth > 16 || s.peek()? != b'{' {
         return None;
     }
-    let (mut seen, mut object_type, mut has_properties) = (0u32, false, false);
+    // The keywords seen so far (a repeated one is the tree's to resolve); there are fewer
+    // kept keywords than slots.
+    let mut seen = [""; 24];
+    let mut count = 0;
+    let (mut object_type, mut has_properties) = (false, false);
     out.push(b'{');
     scan_fields_at(s, src, |key, s| {
-        let bit = 1u32 << CLEAN_KEYWORDS.iter().position(|k| *k == key)?;
-        if seen & bit != 0 {
+        let kind = keyword_kind(key);
+        if matches!(
+            kind,
+            KeywordKind::AnyOf | KeywordKind::Const | KeywordKind::Drop
+        ) || seen[..count].contains(&key)
+            || count == seen.len()
+        {
             return None;
         }
-        if seen != 0 {
+        if count > 0 {
             out.push(b',');
         }
-        seen |= bit;
+        seen[count] = key;
+        count += 1;
         write_key(out, key);
-        match key {
-            "type" => {
+        match kind {
+            KeywordKind::Type => {
                 let (token, escaped) = scan_value(s, src)?;
                 if !token.starts_with('"') || escaped {
                     return None;
@@ -928,7 +913,7 @@ fn write_clean_schema(s: &mut Scanner, src: &str, out: &mut Vec<u8>, depth: usiz
                 object_type = token == "\"object\"";
                 out.extend_from_slice(token.as_bytes());
             }
-            "properties" => {
+            KeywordKind::Properties => {
                 if s.peek()? != b'{' {
                     return None;
                 }
@@ -949,7 +934,7 @@ fn write_clean_schema(s: &mut Scanner, src: &str, out: &mut Vec<u8>, depth: usiz
                 out.push(b'}');
                 has_properties = !names.is_empty();
             }
-            "items" => write_subschema(s, src, out, depth + 1)?,
+            KeywordKind::Items => write_subschema(s, src, out, depth + 1)?,
             _ => copy_canonical(s, src, out, 0)?,
         }
         Some(0)
