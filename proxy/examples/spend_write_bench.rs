@@ -6,6 +6,10 @@ use std::time::Instant;
 use sluice_filters::tenancy::{SpendRow, Store};
 use sluice_proxy::store::SqlStore;
 
+/// The gateway's allocator, so the store's allocations cost what they cost in `sluice`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn cpu_secs_self() -> f64 {
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
