@@ -18,7 +18,9 @@
 #   KEYS=none          none: no auth (baseline); sqlite or postgres: every request carries a
 #                      virtual key with a budget and an rpm limit, spend goes to that store
 #                      (postgres: a fresh database on $BENCH_PG, default the local server), and
-#                      the spend rows written are counted against the requests sent
+#                      the spend rows written are counted against the requests sent; memory:
+#                      the same keyed requests with spend kept in the process (no database),
+#                      which separates the request path's cost from the database's
 # See benches/README.md for what each column means.
 set -euo pipefail
 
@@ -38,137 +40,28 @@ BIN=$TARGET_DIR/release
 RESULTS=$TARGET_DIR/bench-results.md
 RAW=$TARGET_DIR/bench-results.jsonl
 
-die() {
-    echo "run.sh: $*" >&2
-    exit 1
-}
-
-for tool in taskset jq curl getconf; do
-    command -v "$tool" >/dev/null || die "needs \`$tool\` on PATH"
-done
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
-PIDS=()
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        # Give each process up to 2 s to exit, then kill it.
-        for _ in $(seq 20); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $rc -ne 0 && -f $WORK/sluice.log ]]; then
-        echo "--- last lines of the gateway log ---" >&2
-        tail -n 30 "$WORK/sluice.log" >&2 || true
-    fi
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=benches/harness.sh
+source "$ROOT/benches/harness.sh"
 
 if [[ -z ${SKIP_BUILD:-} ]]; then
     echo "building release binaries..." >&2
     cargo build --release -p sluice-proxy -p sluice-tests -p sluice-benches >&2
 fi
-for b in sluice mock-provider sluice-load; do
-    [[ -x $BIN/$b ]] || die "$BIN/$b missing (build failed, or SKIP_BUILD set too early)"
-done
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' \
-        2>/dev/null || echo $((20000 + RANDOM % 30000))
-}
-
-# Clock ticks (utime + stime, all threads) a process has used so far.
-cpu_ticks() {
-    # Fields after the `(comm)` one: state is field 3, utime 14, stime 15.
-    local stat
-    stat=$(<"/proc/$1/stat")
-    stat=${stat##*") "}
-    awk '{ print $12 + $13 }' <<<"$stat"
-}
+require_binaries
 
 # --- request body: a ~2 KB chat completion ---------------------------------------------------
 BODY=$WORK/body.json
-FILLER="The quick brown fox jumps over the lazy dog while the gateway forwards tokens. "
-USER_TEXT=""
-while ((${#USER_TEXT} < 1850)); do USER_TEXT+=$FILLER; done
-jq -cn --arg sys "You are a concise assistant. Answer in one short paragraph." \
-    --arg user "Summarise the following text: $USER_TEXT" \
-    '{model: "bench", max_tokens: 64, temperature: 0,
-      messages: [{role: "system", content: $sys}, {role: "user", content: $user}]}' >"$BODY"
+make_body "$BODY"
 BODY_BYTES=$(wc -c <"$BODY")
 
 # --- mock provider ---------------------------------------------------------------------------
-taskset -c "$LOAD_CPU" "$BIN/mock-provider" --port 0 --name bench >"$WORK/mock.out" 2>"$WORK/mock.err" </dev/null &
-PIDS+=($!)
-MOCK_PORT=""
-for _ in $(seq 100); do
-    if read -r word port <"$WORK/mock.out" 2>/dev/null && [[ $word == LISTENING ]]; then
-        MOCK_PORT=$port
-        break
-    fi
-    sleep 0.1
-done
-[[ -n $MOCK_PORT ]] || die "mock-provider did not print LISTENING: $(cat "$WORK/mock.err")"
+start_mock
 
 # --- gateway ---------------------------------------------------------------------------------
-MOCK_BASE=http://127.0.0.1:$MOCK_PORT/v1
-cat >"$WORK/config.yaml" <<EOF
-model_list:
-  - model_name: bench
-    litellm_params:
-      model: openai/bench
-      api_base: $MOCK_BASE
-      api_key: sk-bench
-  - model_name: bench-stream
-    litellm_params:
-      model: openai/stream-20
-      api_base: $MOCK_BASE
-      api_key: sk-bench
-EOF
-MASTER=sk-bench-master
-case $KEYS in
-none) ;;
-sqlite) DB_URL="sqlite://$WORK/bench.db" ;;
-postgres)
-    PG_DB=sluice_bench_$$
-    psql "$BENCH_PG/postgres" -qc "CREATE DATABASE $PG_DB" >/dev/null || die "cannot create $PG_DB on $BENCH_PG"
-    DB_URL="$BENCH_PG/$PG_DB"
-    ;;
-*) die "KEYS must be none, sqlite or postgres" ;;
-esac
-if [[ $KEYS != none ]]; then
-    printf 'general_settings:\n  master_key: %s\n  database_url: "%s"\n  proxy_batch_write_at: 1\n' \
-        "$MASTER" "$DB_URL" >>"$WORK/config.yaml"
-fi
-GW_PORT=$(free_port)
-(cd "$WORK" && exec taskset -c "$GW_CPU" "$BIN/sluice" --config "$WORK/config.yaml" \
-    --host 127.0.0.1 --port "$GW_PORT" --num-workers 1 >"$WORK/sluice.log" 2>&1 </dev/null) &
-GW_PID=$!
-PIDS+=("$GW_PID")
-for i in $(seq 200); do
-    kill -0 "$GW_PID" 2>/dev/null || die "sluice exited during startup"
-    curl -sf -o /dev/null "http://127.0.0.1:$GW_PORT/health/liveliness" && break
-    ((i < 200)) || die "sluice not live on port $GW_PORT after 20 s"
-    sleep 0.1
-done
-
+start_gateway main "$KEYS"
 AUTH=()
 if [[ $KEYS != none ]]; then
-    VKEY=$(curl -sf "http://127.0.0.1:$GW_PORT/key/generate" -H "Authorization: Bearer $MASTER" \
-        -H 'content-type: application/json' \
-        -d '{"key_alias": "bench", "max_budget": 1000000000, "rpm_limit": 1000000000}' | jq -r .key)
-    [[ $VKEY == sk-* ]] || die "could not generate a virtual key"
+    VKEY=$(generate_key "$GW_PORT")
     AUTH=(-H "Authorization: Bearer $VKEY")
 fi
 
@@ -176,13 +69,9 @@ fi
 for model in bench bench-stream; do
     stream=false
     [[ $model == bench-stream ]] && stream=true
-    code=$(jq -c --arg m "$model" --argjson s "$stream" '.model = $m | .stream = $s' "$BODY" |
-        curl -s -o "$WORK/probe.out" -w '%{http_code}' -H 'content-type: application/json' "${AUTH[@]}" \
-            --data-binary @- "http://127.0.0.1:$GW_PORT/v1/chat/completions")
-    [[ $code == 200 ]] || die "probe through the gateway (model $model) answered $code: $(head -c 500 "$WORK/probe.out")"
+    probe "$GW_PORT" "$BODY" "$model" "$stream" "${AUTH[@]}"
 done
 
-CLK_TCK=$(getconf CLK_TCK)
 
 # load URL MODEL STREAM(0|1) CONCURRENCY -> sluice-load JSON on stdout
 load() {
@@ -235,17 +124,10 @@ done
 HWM=$(awk '/^VmHWM:/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$GW_PID/status")
 
 SPEND_LINE=""
-if [[ $KEYS != none ]]; then
+if [[ $KEYS != none && $KEYS != memory ]]; then
     # Stop the gateway (SIGTERM flushes the spend log), then count its rows.
-    kill -TERM "$GW_PID"
-    for _ in $(seq 300); do kill -0 "$GW_PID" 2>/dev/null || break; sleep 0.1; done
     SENT=$(jq -s '[.[] | select(.target == "gateway") | .total_requests] | add + 2' "$RAW")
-    if [[ $KEYS == sqlite ]]; then
-        ROWS_WRITTEN=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from sluice_spend_logs').fetchone()[0])" "$WORK/bench.db")
-    else
-        ROWS_WRITTEN=$(psql "$DB_URL" -qAtc 'select count(*) from sluice_spend_logs')
-        psql "$BENCH_PG/postgres" -qc "DROP DATABASE $PG_DB WITH (FORCE)" >/dev/null || true
-    fi
+    ROWS_WRITTEN=$(stop_and_count_rows "$GW_PID" "$KEYS" "$DB_URL")
     SPEND_LINE="Virtual key with a budget and an rpm limit on every request ($KEYS store): spend rows written $ROWS_WRITTEN, requests sent $SENT (probes included)."
 fi
 
