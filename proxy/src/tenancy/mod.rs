@@ -7,7 +7,7 @@ pub mod counters;
 pub mod writer;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,11 @@ pub struct Tenancy {
     /// Keys recently looked up and not found, so a bad key cannot make every request a query.
     missing: Mutex<HashMap<String, Instant>>,
     customers: RwLock<HashMap<String, Option<Arc<CustomerRecord>>>>,
+    /// Bumped by every invalidation, before the entries go. A load notes it before reading the
+    /// store and caches what it read only if it has not moved since: a read that began before
+    /// a change committed and ended after the poll dropped the old entry would otherwise put
+    /// the stale record back, to stay until the entity changed again.
+    cache_epoch: AtomicU64,
     /// The proxy-wide budget's stored state.
     global: RwLock<(f64, Limits)>,
     change_seq: AtomicI64,
@@ -158,6 +163,7 @@ impl Tenancy {
             keys: RwLock::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
             customers: RwLock::new(HashMap::new()),
+            cache_epoch: AtomicU64::new(0),
             global: RwLock::new((0.0, Limits::default())),
             change_seq: AtomicI64::new(seq),
             resets: Mutex::new(HashSet::new()),
@@ -222,6 +228,9 @@ impl Tenancy {
     }
 
     pub fn invalidate(&self, kind: Kind, id: &str) {
+        // Loads holding the cache's write lock see either the bump or the removal after
+        // their insert, never neither.
+        self.cache_epoch.fetch_add(1, Ordering::AcqRel);
         match kind {
             Kind::Key => {
                 self.keys.write().remove(id);
@@ -246,16 +255,22 @@ impl Tenancy {
                 return Ok(None);
             }
         }
+        let epoch = self.cache_epoch.load(Ordering::Acquire);
         let Some(ctx) = self.load_key(token).await.map_err(unavailable)? else {
             let mut missing = self.missing.lock();
             if missing.len() > 10_000 {
                 missing.clear();
             }
-            missing.insert(token.to_string(), Instant::now());
+            if self.cache_epoch.load(Ordering::Acquire) == epoch {
+                missing.insert(token.to_string(), Instant::now());
+            }
             return Ok(None);
         };
         let ctx = Arc::new(ctx);
-        self.keys.write().insert(token.to_string(), ctx.clone());
+        let mut keys = self.keys.write();
+        if self.cache_epoch.load(Ordering::Acquire) == epoch {
+            keys.insert(token.to_string(), ctx.clone());
+        }
         Ok(Some(ctx))
     }
 
@@ -270,6 +285,7 @@ impl Tenancy {
         if let Some(k) = self.keys.read().get(&cache_key) {
             return Ok(k.clone());
         }
+        let epoch = self.cache_epoch.load(Ordering::Acquire);
         let user: Option<UserRecord> = self
             .record(Kind::User, user_id)
             .await
@@ -287,7 +303,10 @@ impl Tenancy {
             team,
             model_spend: HashMap::new(),
         });
-        self.keys.write().insert(cache_key, ctx.clone());
+        let mut keys = self.keys.write();
+        if self.cache_epoch.load(Ordering::Acquire) == epoch {
+            keys.insert(cache_key, ctx.clone());
+        }
         Ok(ctx)
     }
 
@@ -358,6 +377,7 @@ impl Tenancy {
         if let Some(c) = self.customers.read().get(id) {
             return Ok(c.clone());
         }
+        let epoch = self.cache_epoch.load(Ordering::Acquire);
         let mut c: Option<CustomerRecord> = self
             .record(Kind::Customer, Some(id))
             .await
@@ -373,7 +393,9 @@ impl Tenancy {
         if map.len() > 100_000 {
             map.clear();
         }
-        map.insert(id.to_string(), c.clone());
+        if self.cache_epoch.load(Ordering::Acquire) == epoch {
+            map.insert(id.to_string(), c.clone());
+        }
         Ok(c)
     }
 
@@ -771,4 +793,118 @@ pub fn cost_for(
         .flatten()
         .find_map(|n| table.lookup(n));
     price.map_or(0.0, |p| cost(p, prompt_tokens, completion_tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use async_trait::async_trait;
+    use serde_json::json;
+    use sluice_filters::tenancy::{SpendQuery, SpendRow};
+    use tokio::sync::Notify;
+
+    /// A memory store whose key reads, once armed, read the stored record and then wait for a
+    /// release before answering: the window in which another instance's change can commit and
+    /// be polled while a load is in flight.
+    struct GatedStore {
+        inner: MemoryStore,
+        armed: std::sync::atomic::AtomicBool,
+        read_done: Notify,
+        release: Notify,
+    }
+
+    #[async_trait]
+    impl Store for GatedStore {
+        async fn get(&self, kind: Kind, id: &str) -> Result<Option<Entity>, StoreError> {
+            let got = self.inner.get(kind, id).await;
+            if kind == Kind::Key && self.armed.swap(false, Ordering::AcqRel) {
+                self.read_done.notify_one();
+                self.release.notified().await;
+            }
+            got
+        }
+        async fn insert(&self, kind: Kind, id: &str, doc: &Value) -> Result<bool, StoreError> {
+            self.inner.insert(kind, id, doc).await
+        }
+        async fn update(&self, kind: Kind, id: &str, doc: &Value) -> Result<bool, StoreError> {
+            self.inner.update(kind, id, doc).await
+        }
+        async fn delete(&self, kind: Kind, id: &str) -> Result<bool, StoreError> {
+            self.inner.delete(kind, id).await
+        }
+        async fn list(&self, kind: Kind) -> Result<Vec<Entity>, StoreError> {
+            self.inner.list(kind).await
+        }
+        async fn put_with_spend(
+            &self,
+            kind: Kind,
+            id: &str,
+            spend: f64,
+            doc: &Value,
+        ) -> Result<(), StoreError> {
+            self.inner.put_with_spend(kind, id, spend, doc).await
+        }
+        async fn write_spend(&self, rows: &[SpendRow]) -> Result<(), StoreError> {
+            self.inner.write_spend(rows).await
+        }
+        async fn spend_logs(&self, query: &SpendQuery) -> Result<Vec<SpendRow>, StoreError> {
+            self.inner.spend_logs(query).await
+        }
+        async fn changes_since(&self, seq: i64) -> Result<(i64, Vec<(Kind, String)>), StoreError> {
+            self.inner.changes_since(seq).await
+        }
+    }
+
+    /// A key read that began before a change and ended after the change was polled must not
+    /// leave the old record cached: the next lookup has to see the change.
+    #[tokio::test]
+    async fn a_load_racing_a_change_does_not_cache_the_old_record() {
+        let store = Arc::new(GatedStore {
+            inner: MemoryStore::new(),
+            armed: false.into(),
+            read_done: Notify::new(),
+            release: Notify::new(),
+        });
+        let token = "ab".repeat(32);
+        store
+            .insert(
+                Kind::Key,
+                &token,
+                &json!({"token": token, "key_alias": "before"}),
+            )
+            .await
+            .unwrap();
+        let metrics = crate::metrics::Metrics::default();
+        let tenancy = Tenancy::start(store.clone(), TenancySettings::default(), &metrics)
+            .await
+            .unwrap();
+
+        store.armed.store(true, Ordering::Release);
+        let loading = {
+            let (tenancy, token) = (tenancy.clone(), token.clone());
+            tokio::spawn(async move { tenancy.key(&token).await })
+        };
+        // The load has read "before"; now the key changes and the change is polled.
+        store.read_done.notified().await;
+        store
+            .update(
+                Kind::Key,
+                &token,
+                &json!({"token": token, "key_alias": "after"}),
+            )
+            .await
+            .unwrap();
+        tenancy.poll_changes().await;
+        store.release.notify_one();
+        let raced = loading.await.unwrap().unwrap().unwrap();
+        assert_eq!(raced.key.key_alias.as_deref(), Some("before"));
+
+        let next = tenancy.key(&token).await.unwrap().unwrap();
+        assert_eq!(
+            next.key.key_alias.as_deref(),
+            Some("after"),
+            "the record read before the change stayed cached"
+        );
+    }
 }
