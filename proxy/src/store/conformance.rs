@@ -469,6 +469,24 @@ async fn write_spend_counts_each_request_once(store: &dyn Store) {
         (third.spend, third.model.as_str()),
         (0.5, "gpt-4o-2024-08-06")
     );
+
+    // A large batch (several insert statements or COPY messages) with a stored id far in:
+    // the new rows all go in, the stored one counts once.
+    let big: Vec<SpendRow> = (0..2500)
+        .map(|i| {
+            if i == 2100 {
+                batch[0].clone()
+            } else {
+                row(&format!("idem-big-{i}"), "idem-key", "idem-g", 0.5)
+            }
+        })
+        .collect();
+    store.write_spend(&big).await.unwrap();
+    assert_eq!(
+        spend_of(store, Kind::Key, "idem-key").await,
+        Some(0.875 + 2499.0 * 0.5)
+    );
+    assert_eq!(store.spend_logs(&by_key).await.unwrap().len(), 3 + 2499);
 }
 
 /// Every field of a spend row reads back exactly as written: text that array literals, SQL or
@@ -482,6 +500,7 @@ async fn spend_rows_round_trip_exactly(store: &dyn Store) {
         "{braces, commas}",
         "tab\tnewline\nü 🚀",
         "'single' $1 ? %s",
+        "\\N, \\t and a carriage\r\nreturn",
     ];
     let spends = [
         0.1 + 0.2,
@@ -491,6 +510,7 @@ async fn spend_rows_round_trip_exactly(store: &dyn Store) {
         123_456.789e-10,
         0.0,
         -0.5,
+        -f64::MIN_POSITIVE,
     ];
     let rows: Vec<SpendRow> = awkward
         .iter()
