@@ -405,30 +405,9 @@ impl SqlStore {
             Err(e) if is_unique_violation(&e) => return Ok(false),
             Err(e) => return Err(db_err(e)),
         }
-        let (records, counters) = split_increments(rows);
-        for (kind, id, amount) in &records {
-            sqlx::query(UPDATE_RECORD_SPEND)
-                .bind(kind.as_str())
-                .bind(id.as_str())
-                .bind(*amount)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
-        let now = now_micros();
-        for chunk in chunks(&counters) {
-            let sql = add_to_counters_sql(Backend::Postgres, chunk.len());
-            let mut query = sqlx::query(&sql);
-            for (kind, id, amount) in chunk {
-                query = query
-                    .bind(kind.as_str())
-                    .bind(id.as_str())
-                    .bind(*amount)
-                    .bind("{}")
-                    .bind(now);
-            }
-            query.execute(&mut *tx).await.map_err(db_err)?;
-        }
+        apply_increments::<sqlx::Postgres>(&mut tx, Backend::Postgres, split_increments(rows))
+            .await
+            .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
     }
@@ -453,50 +432,10 @@ impl SqlStore {
                 .collect();
             split_increments(&fresh)
         };
-        self.add_increments(&mut tx, increments).await?;
+        apply_increments::<Any>(&mut tx, self.backend, increments)
+            .await
+            .map_err(db_err)?;
         tx.commit().await.map_err(db_err)
-    }
-
-    /// Applies [`split_increments`]' records, then its counters.
-    async fn add_increments(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        (records, counters): (Vec<Increment>, Vec<Increment>),
-    ) -> Result<(), StoreError> {
-        for (kind, id, amount) in &records {
-            sqlx::query(UPDATE_RECORD_SPEND)
-                .bind(kind.as_str())
-                .bind(id.as_str())
-                .bind(*amount)
-                .execute(&mut **tx)
-                .await
-                .map_err(db_err)?;
-        }
-        self.add_to_counters(tx, &counters, now_micros()).await
-    }
-
-    /// Adds to counters that exist only as spend (model groups, per-key model groups, the
-    /// global budget), creating them on first use, one statement per chunk.
-    async fn add_to_counters(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        counters: &[(Kind, String, f64)],
-        now: i64,
-    ) -> Result<(), StoreError> {
-        for chunk in chunks(counters) {
-            let sql = add_to_counters_sql(self.backend, chunk.len());
-            let mut query = sqlx::query(&sql);
-            for (kind, id, amount) in chunk {
-                query = query
-                    .bind(kind.as_str())
-                    .bind(id.as_str())
-                    .bind(*amount)
-                    .bind("{}")
-                    .bind(now);
-            }
-            query.execute(&mut **tx).await.map_err(db_err)?;
-        }
-        Ok(())
     }
 }
 
@@ -514,6 +453,46 @@ fn add_to_counters_sql(backend: Backend, rows: usize) -> String {
          ON CONFLICT (kind, id) DO UPDATE SET spend = sluice_entities.spend + excluded.spend",
         values_list(backend, rows, 5)
     )
+}
+
+/// Applies [`split_increments`]' records, then its counters, inside the caller's transaction
+/// on `conn`: an `Any` connection, or the native Postgres one the `COPY` path writes on.
+async fn apply_increments<DB>(
+    conn: &mut DB::Connection,
+    backend: Backend,
+    (records, counters): (Vec<Increment>, Vec<Increment>),
+) -> Result<(), sqlx::Error>
+where
+    DB: sqlx::Database,
+    for<'e> &'e mut DB::Connection: Executor<'e, Database = DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> f64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+{
+    for (kind, id, amount) in &records {
+        sqlx::query::<DB>(UPDATE_RECORD_SPEND)
+            .bind(kind.as_str())
+            .bind(id.as_str())
+            .bind(*amount)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let now = now_micros();
+    for chunk in chunks(&counters) {
+        let sql = add_to_counters_sql(backend, chunk.len());
+        let mut query = sqlx::query::<DB>(&sql);
+        for (kind, id, amount) in chunk {
+            query = query
+                .bind(kind.as_str())
+                .bind(id.as_str())
+                .bind(*amount)
+                .bind("{}")
+                .bind(now);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 type Increment = (Kind, String, f64);
@@ -786,7 +765,9 @@ impl Store for SqlStore {
                 return self.write_spend_careful(rows).await;
             }
         }
-        self.add_increments(&mut tx, split_increments(rows)).await?;
+        apply_increments::<Any>(&mut tx, self.backend, split_increments(rows))
+            .await
+            .map_err(db_err)?;
         tx.commit().await.map_err(db_err)
     }
 
