@@ -227,6 +227,17 @@ impl Tenancy {
         self.change_seq.fetch_max(seq, Ordering::AcqRel);
     }
 
+    /// The cache epoch to note before a load reads the store.
+    fn cache_epoch(&self) -> u64 {
+        self.cache_epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether no invalidation ran since `epoch` was noted, so what the load read may be
+    /// cached. Callers ask while holding the lock of the map they insert into.
+    fn cache_unchanged_since(&self, epoch: u64) -> bool {
+        self.cache_epoch() == epoch
+    }
+
     pub fn invalidate(&self, kind: Kind, id: &str) {
         // Loads holding the cache's write lock see either the bump or the removal after
         // their insert, never neither.
@@ -255,20 +266,20 @@ impl Tenancy {
                 return Ok(None);
             }
         }
-        let epoch = self.cache_epoch.load(Ordering::Acquire);
+        let epoch = self.cache_epoch();
         let Some(ctx) = self.load_key(token).await.map_err(unavailable)? else {
             let mut missing = self.missing.lock();
             if missing.len() > 10_000 {
                 missing.clear();
             }
-            if self.cache_epoch.load(Ordering::Acquire) == epoch {
+            if self.cache_unchanged_since(epoch) {
                 missing.insert(token.to_string(), Instant::now());
             }
             return Ok(None);
         };
         let ctx = Arc::new(ctx);
         let mut keys = self.keys.write();
-        if self.cache_epoch.load(Ordering::Acquire) == epoch {
+        if self.cache_unchanged_since(epoch) {
             keys.insert(token.to_string(), ctx.clone());
         }
         Ok(Some(ctx))
@@ -285,7 +296,7 @@ impl Tenancy {
         if let Some(k) = self.keys.read().get(&cache_key) {
             return Ok(k.clone());
         }
-        let epoch = self.cache_epoch.load(Ordering::Acquire);
+        let epoch = self.cache_epoch();
         let user: Option<UserRecord> = self
             .record(Kind::User, user_id)
             .await
@@ -304,7 +315,7 @@ impl Tenancy {
             model_spend: HashMap::new(),
         });
         let mut keys = self.keys.write();
-        if self.cache_epoch.load(Ordering::Acquire) == epoch {
+        if self.cache_unchanged_since(epoch) {
             keys.insert(cache_key, ctx.clone());
         }
         Ok(ctx)
@@ -377,7 +388,7 @@ impl Tenancy {
         if let Some(c) = self.customers.read().get(id) {
             return Ok(c.clone());
         }
-        let epoch = self.cache_epoch.load(Ordering::Acquire);
+        let epoch = self.cache_epoch();
         let mut c: Option<CustomerRecord> = self
             .record(Kind::Customer, Some(id))
             .await
@@ -393,7 +404,7 @@ impl Tenancy {
         if map.len() > 100_000 {
             map.clear();
         }
-        if self.cache_epoch.load(Ordering::Acquire) == epoch {
+        if self.cache_unchanged_since(epoch) {
             map.insert(id.to_string(), c.clone());
         }
         Ok(c)
