@@ -33,11 +33,7 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 # shellcheck source=benches/harness.sh
 source "$ROOT/benches/harness.sh"
 
-if [[ -z ${SKIP_BUILD:-} ]]; then
-    echo "building release binaries..." >&2
-    cargo build --release -p sluice-proxy -p sluice-tests -p sluice-benches >&2
-fi
-require_binaries
+build_unless_skipped
 
 make_body "$WORK/body.json"
 start_mock

@@ -51,6 +51,15 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# build_unless_skipped: the release binaries (unless SKIP_BUILD is set), which must then exist.
+build_unless_skipped() {
+    if [[ -z ${SKIP_BUILD:-} ]]; then
+        echo "building release binaries..." >&2
+        cargo build --release -p sluice-proxy -p sluice-tests -p sluice-benches >&2
+    fi
+    require_binaries
+}
+
 require_binaries() {
     for b in sluice mock-provider sluice-load; do
         [[ -x $BIN/$b ]] || die "$BIN/$b missing (build failed, or SKIP_BUILD set too early)"

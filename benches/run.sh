@@ -43,11 +43,7 @@ RAW=$TARGET_DIR/bench-results.jsonl
 # shellcheck source=benches/harness.sh
 source "$ROOT/benches/harness.sh"
 
-if [[ -z ${SKIP_BUILD:-} ]]; then
-    echo "building release binaries..." >&2
-    cargo build --release -p sluice-proxy -p sluice-tests -p sluice-benches >&2
-fi
-require_binaries
+build_unless_skipped
 
 # --- request body: a ~2 KB chat completion ---------------------------------------------------
 BODY=$WORK/body.json
