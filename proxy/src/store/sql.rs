@@ -97,6 +97,8 @@ macro_rules! log_columns {
 }
 const LOG_COLUMNS: &str = log_columns!();
 const LOG_COLUMN_COUNT: usize = 21;
+
+mod sqlite_rows;
 const _: () = assert!(MAX_ROWS_PER_INSERT * LOG_COLUMN_COUNT <= 32_766);
 
 /// Postgres takes spend rows through `COPY ... FROM STDIN`: the server parses plain
@@ -115,6 +117,9 @@ pub struct SqlStore {
     backend: Backend,
     /// A small native pool beside the `Any` one, for what `Any` cannot do (`COPY`).
     pg: Option<sqlx::PgPool>,
+    /// For a SQLite file, one native connection beside the `Any` pool, whose raw handle the
+    /// spend rows are written through (SQLite has one writer at a time anyway).
+    sqlite: Option<sqlx::SqlitePool>,
 }
 
 impl SqlStore {
@@ -174,10 +179,30 @@ impl SqlStore {
             ),
             _ => None,
         };
+        let sqlite = match &target {
+            Target::SqliteFile(url) => Some(
+                sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(connect_timeout)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute(SQLITE_PRAGMAS).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_lazy_with(
+                        url.parse::<sqlx::sqlite::SqliteConnectOptions>()?
+                            .log_statements(log::LevelFilter::Debug)
+                            .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1)),
+                    ),
+            ),
+            _ => None,
+        };
         let store = SqlStore {
             pool,
             backend: target.backend(),
             pg,
+            sqlite,
         };
         if matches!(target, Target::SqliteFile(_)) {
             store.enable_wal().await.context("switching to WAL")?;
@@ -410,6 +435,45 @@ impl SqlStore {
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
+    }
+
+    /// Writes spend rows into a SQLite file through the native connection's raw handle
+    /// ([`sqlite_rows`]) and adds their increments, in one transaction. When some request id
+    /// was stored already or repeats, the batch is rolled back and written again row by row,
+    /// so that increments come only from the rows that went in.
+    async fn write_spend_sqlite(
+        pool: &sqlx::SqlitePool,
+        rows: &[SpendRow],
+    ) -> Result<(), StoreError> {
+        let raw = |e: sqlite_rows::SqliteError| StoreError::Unavailable(e.to_string());
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        let all_new = {
+            let mut handle = tx.lock_handle().await.map_err(db_err)?;
+            let db = handle.as_raw_handle();
+            off_the_runtime(|| sqlite_rows::insert_all_new(db, rows)).map_err(raw)?
+        };
+        let increments = if all_new {
+            split_increments(rows)
+        } else {
+            tx.rollback().await.map_err(db_err)?;
+            tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+            let went_in = {
+                let mut handle = tx.lock_handle().await.map_err(db_err)?;
+                let db = handle.as_raw_handle();
+                off_the_runtime(|| sqlite_rows::insert_each(db, rows)).map_err(raw)?
+            };
+            let fresh: Vec<SpendRow> = rows
+                .iter()
+                .zip(went_in)
+                .filter(|(_, went_in)| *went_in)
+                .map(|(r, _)| r.clone())
+                .collect();
+            split_increments(&fresh)
+        };
+        apply_increments::<sqlx::Sqlite>(&mut tx, Backend::Sqlite, increments)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
     }
 
     /// Writes spend rows learning which ones went in (`RETURNING`), so that increments come
@@ -748,7 +812,8 @@ impl Store for SqlStore {
             return Ok(());
         }
         // Nearly always every row is new: insert without RETURNING and check the counts (on
-        // Postgres with COPY, which fails on a stored id). Only when some request id was
+        // Postgres with COPY, which fails on a stored id; into a SQLite file through SQLite's
+        // C API; in memory through `Any`). Only when some request id was
         // already stored (a batch retried after a commit whose answer was lost) or repeats in
         // the batch is it written again the careful way.
         if let Some(pg) = &self.pg {
@@ -756,6 +821,9 @@ impl Store for SqlStore {
                 return Ok(());
             }
             return self.write_spend_careful(rows).await;
+        }
+        if let Some(sqlite) = &self.sqlite {
+            return Self::write_spend_sqlite(sqlite, rows).await;
         }
         let mut tx = self.begin_write().await.map_err(db_err)?;
         for chunk in chunks(rows) {
@@ -889,6 +957,17 @@ fn values_list(backend: Backend, rows: usize, columns: usize) -> String {
 }
 
 /// Whether a statement failed on a unique constraint (a request id already stored).
+/// Runs blocking `work` on this thread; on a multi-threaded runtime the thread's other tasks
+/// move to another thread meanwhile (Redis replies the request path waits for are driven on
+/// the background runtime, and must not wait behind a batch of inserts).
+fn off_the_runtime<R>(work: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .is_some_and(|d| d.is_unique_violation())
