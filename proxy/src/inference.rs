@@ -1037,7 +1037,7 @@ fn client_header(
     let mut h = respond::header(upstream.status.as_u16(), &ctx.call_id, extra);
     if let Some(a) = &ctx.admission {
         for (k, v) in &a.headers {
-            let _ = h.insert_header(*k, v.as_str());
+            let _ = h.insert_header(*k, v.clone());
         }
     }
     if let Some(s) = &ctx.served {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use http::HeaderValue;
 use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
 use sluice_config::TenancySettings;
@@ -57,8 +58,9 @@ pub struct Admission {
     scopes: Vec<Scope>,
     /// Tokens and cost already counted (parallel slot released) before the logging phase.
     settled: bool,
-    /// `x-ratelimit-*` and `x-litellm-key-spend` headers for the response.
-    pub headers: Vec<(&'static str, String)>,
+    /// `x-ratelimit-*` and `x-litellm-key-spend` headers for the response, values made
+    /// once (numbers without a `String` between) and shared by reference count.
+    pub headers: Vec<(&'static str, HeaderValue)>,
 }
 
 /// Which level a scope stands for, for messages.
@@ -591,7 +593,10 @@ impl Tenancy {
                 .find(|(s, _)| s.kind == Kind::Key)
                 .map_or(0.0, |(_, st)| st.spend);
             if k.key.limits.soft_budget.is_some_and(|soft| spend >= soft) {
-                headers.push(("x-litellm-soft-budget-exceeded", "true".into()));
+                headers.push((
+                    "x-litellm-soft-budget-exceeded",
+                    HeaderValue::from_static("true"),
+                ));
                 if self.soft_warned.lock().insert(k.key.token.clone()) {
                     tracing::warn!(key = %k.label(), spend, soft_budget = k.key.limits.soft_budget, "key is past its soft budget");
                 }
@@ -737,7 +742,7 @@ fn admission_headers(
     scopes: &[Scope],
     standings: &[Standing],
     has_key: bool,
-) -> Vec<(&'static str, String)> {
+) -> Vec<(&'static str, HeaderValue)> {
     let mut h = vec![];
     let Some(i) = scopes
         .iter()
@@ -747,21 +752,23 @@ fn admission_headers(
         return h;
     };
     let (s, st) = (&scopes[i], &standings[i]);
-    h.push(("x-litellm-key-spend", st.spend.to_string()));
-    let reset = counters::window_reset_secs().to_string();
+    if let Ok(spend) = HeaderValue::try_from(st.spend.to_string()) {
+        h.push(("x-litellm-key-spend", spend));
+    }
+    let reset = HeaderValue::from(counters::window_reset_secs());
     if let Some(l) = s.rpm {
-        h.push(("x-ratelimit-limit-requests", l.to_string()));
+        h.push(("x-ratelimit-limit-requests", HeaderValue::from(l)));
         h.push((
             "x-ratelimit-remaining-requests",
-            l.saturating_sub(st.requests).to_string(),
+            HeaderValue::from(l.saturating_sub(st.requests)),
         ));
         h.push(("x-ratelimit-reset-requests", reset.clone()));
     }
     if let Some(l) = s.tpm {
-        h.push(("x-ratelimit-limit-tokens", l.to_string()));
+        h.push(("x-ratelimit-limit-tokens", HeaderValue::from(l)));
         h.push((
             "x-ratelimit-remaining-tokens",
-            l.saturating_sub(st.tokens).to_string(),
+            HeaderValue::from(l.saturating_sub(st.tokens)),
         ));
         h.push(("x-ratelimit-reset-tokens", reset));
     }
