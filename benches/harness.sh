@@ -110,6 +110,7 @@ start_mock() {
 # start_gateway NAME KEYS: a gateway on GW_CPU routing `bench` and `bench-stream` to the mock;
 # KEYS none (no auth), memory, sqlite or postgres (a master key and that store). Sets GW_PORT,
 # GW_PID and, for a store, DB_URL (a fresh SQLite file or Postgres database).
+# BATCH_WRITE_AT: the spend writer's interval in seconds (default 1).
 start_gateway() {
     local name=$1 keys=$2 config=$WORK/config-$1.yaml
     cat >"$config" <<YAML
@@ -139,11 +140,12 @@ YAML
     *) die "KEYS must be none, memory, sqlite or postgres" ;;
     esac
     if [[ $keys != none ]]; then
-        printf 'general_settings:\n  master_key: %s\n  database_url: "%s"\n  proxy_batch_write_at: 1\n' \
-            "$MASTER" "$DB_URL" >>"$config"
+        printf 'general_settings:\n  master_key: %s\n  database_url: "%s"\n  proxy_batch_write_at: %s\n' \
+            "$MASTER" "$DB_URL" "${BATCH_WRITE_AT:-1}" >>"$config"
     fi
     GW_PORT=$(free_port)
-    (cd "$WORK" && exec taskset -c "$GW_CPU" "$BIN/sluice" --config "$config" \
+    # GW_WRAPPER (an array, may be unset): a command the gateway runs under, e.g. valgrind.
+    (cd "$WORK" && exec taskset -c "$GW_CPU" ${GW_WRAPPER[@]+"${GW_WRAPPER[@]}"} "$BIN/sluice" --config "$config" \
         --host 127.0.0.1 --port "$GW_PORT" --num-workers 1 >"$WORK/sluice-$name.log" 2>&1 </dev/null) &
     GW_PID=$!
     PIDS+=("$GW_PID")
