@@ -97,9 +97,9 @@ macro_rules! log_columns {
 }
 const LOG_COLUMNS: &str = log_columns!();
 const LOG_COLUMN_COUNT: usize = 21;
+const _: () = assert!(MAX_ROWS_PER_INSERT * LOG_COLUMN_COUNT <= 32_766);
 
 mod sqlite_rows;
-const _: () = assert!(MAX_ROWS_PER_INSERT * LOG_COLUMN_COUNT <= 32_766);
 
 /// Postgres takes spend rows through `COPY ... FROM STDIN`: the server parses plain
 /// tab-separated lines and inserts them in multi-row heap batches. In `spend_write_bench` its
@@ -445,23 +445,14 @@ impl SqlStore {
         pool: &sqlx::SqlitePool,
         rows: &[SpendRow],
     ) -> Result<(), StoreError> {
-        let raw = |e: sqlite_rows::SqliteError| StoreError::Unavailable(e.to_string());
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
-        let all_new = {
-            let mut handle = tx.lock_handle().await.map_err(db_err)?;
-            let db = handle.as_raw_handle();
-            off_the_runtime(|| sqlite_rows::insert_all_new(db, rows)).map_err(raw)?
-        };
+        let all_new = on_raw_handle(&mut tx, |db| sqlite_rows::insert_all_new(db, rows)).await?;
         let increments = if all_new {
             split_increments(rows)
         } else {
             tx.rollback().await.map_err(db_err)?;
             tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
-            let went_in = {
-                let mut handle = tx.lock_handle().await.map_err(db_err)?;
-                let db = handle.as_raw_handle();
-                off_the_runtime(|| sqlite_rows::insert_each(db, rows)).map_err(raw)?
-            };
+            let went_in = on_raw_handle(&mut tx, |db| sqlite_rows::insert_each(db, rows)).await?;
             let fresh: Vec<SpendRow> = rows
                 .iter()
                 .zip(went_in)
@@ -813,7 +804,7 @@ impl Store for SqlStore {
         }
         // Nearly always every row is new: insert without RETURNING and check the counts (on
         // Postgres with COPY, which fails on a stored id; into a SQLite file through SQLite's
-        // C API; in memory through `Any`). Only when some request id was
+        // C API; a `sqlite::memory:` database through `Any`). Only when some request id was
         // already stored (a batch retried after a commit whose answer was lost) or repeats in
         // the batch is it written again the careful way.
         if let Some(pg) = &self.pg {
@@ -956,18 +947,25 @@ fn values_list(backend: Backend, rows: usize, columns: usize) -> String {
     sql
 }
 
-/// Whether a statement failed on a unique constraint (a request id already stored).
-/// Runs blocking `work` on this thread; on a multi-threaded runtime the thread's other tasks
-/// move to another thread meanwhile (Redis replies the request path waits for are driven on
-/// the background runtime, and must not wait behind a batch of inserts).
-fn off_the_runtime<R>(work: impl FnOnce() -> R) -> R {
+/// Runs `work` on the raw handle of `conn`, held locked meanwhile. The work blocks, so on a
+/// multi-threaded runtime the thread's other tasks move to another thread while it runs
+/// (Redis replies the request path waits for are driven on the background runtime, and must
+/// not wait behind a batch of inserts).
+async fn on_raw_handle<R>(
+    conn: &mut sqlx::SqliteConnection,
+    work: impl FnOnce(std::ptr::NonNull<libsqlite3_sys::sqlite3>) -> Result<R, sqlite_rows::SqliteError>,
+) -> Result<R, StoreError> {
     use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
-        _ => work(),
-    }
+    let mut handle = conn.lock_handle().await.map_err(db_err)?;
+    let db = handle.as_raw_handle();
+    let result = match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| work(db)),
+        _ => work(db),
+    };
+    result.map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
+/// Whether a statement failed on a unique constraint (a request id already stored).
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .is_some_and(|d| d.is_unique_violation())
