@@ -599,25 +599,31 @@ fn copy_text(out: &mut String, value: Option<&str>) {
         out.push_str("\\N\t");
         return;
     };
-    let mut rest = value;
-    while let Some(at) = rest.find(['\\', '\t', '\n', '\r']) {
-        out.push_str(&rest[..at]);
-        out.push_str(match rest.as_bytes()[at] {
+    // A byte scan: a `find` over a set of chars decoded every char, about 370 instructions
+    // per value. The four are ASCII, so every cut falls on a char boundary.
+    let mut start = 0;
+    for (at, byte) in value.bytes().enumerate() {
+        let escaped = match byte {
             b'\\' => "\\\\",
             b'\t' => "\\t",
             b'\n' => "\\n",
-            _ => "\\r",
-        });
-        rest = &rest[at + 1..];
+            b'\r' => "\\r",
+            _ => continue,
+        };
+        out.push_str(&value[start..at]);
+        out.push_str(escaped);
+        start = at + 1;
     }
-    out.push_str(rest);
+    out.push_str(&value[start..]);
     out.push('\t');
 }
 
 fn copy_int(out: &mut String, value: Option<i64>) {
-    use std::fmt::Write as _;
     match value {
-        Some(v) => write!(out, "{v}\t").expect("writing to a String"),
+        Some(v) => {
+            out.push_str(itoa::Buffer::new().format(v));
+            out.push('\t');
+        }
         None => out.push_str("\\N\t"),
     }
 }
