@@ -23,13 +23,8 @@ DURATION=${DURATION:-8}
 WARMUP=${WARMUP:-1}
 PAUSE=${PAUSE:-1.5}
 CONCURRENCY=${CONCURRENCY:-16}
-GW_CPU=${GW_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
-BENCH_PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 # shellcheck source=benches/harness.sh
 source "$ROOT/benches/harness.sh"
 

@@ -1,6 +1,8 @@
 # Shared parts of the load harnesses (`run.sh`, `ab.sh`): sourced, not run.
 #
-# Expects ROOT, BIN, GW_CPU and LOAD_CPU set. Gives a scratch directory $WORK that is removed on
+# Expects ROOT set, and sets what is not set already: BIN (the release binaries under
+# CARGO_TARGET_DIR or target/), GW_CPU=0, LOAD_CPU=1 and BENCH_PG (the local Postgres server).
+# Gives a scratch directory $WORK that is removed on
 # exit together with every process started here, and helpers to write the chat body, start the
 # mock provider and gateways, make a virtual key and probe a route.
 # shellcheck shell=bash
@@ -13,6 +15,12 @@ die() {
 for tool in taskset jq curl getconf; do
     command -v "$tool" >/dev/null || die "needs \`$tool\` on PATH"
 done
+
+BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
+GW_CPU=${GW_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+BENCH_PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
+cd "$ROOT"
 
 CLK_TCK=$(getconf CLK_TCK)
 MASTER=sk-bench-master

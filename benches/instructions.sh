@@ -19,13 +19,8 @@ KEYS=${KEYS:-none}
 DURATION=${DURATION:-15}
 WARMUP=${WARMUP:-3}
 CONCURRENCY=${CONCURRENCY:-4}
-GW_CPU=${GW_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
-BENCH_PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 # shellcheck source=benches/harness.sh
 source "$ROOT/benches/harness.sh"
 for tool in valgrind callgrind_control; do

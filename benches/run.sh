@@ -29,12 +29,8 @@ WARMUP=${WARMUP:-2}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 MODES=${MODES:-"chat stream"}
 KEYS=${KEYS:-none}
-BENCH_PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
-GW_CPU=${GW_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET_DIR/release
 RESULTS=$TARGET_DIR/bench-results.md
