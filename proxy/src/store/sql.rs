@@ -352,16 +352,7 @@ impl SqlStore {
         rows: &[SpendRow],
         returning: bool,
     ) -> Result<(u64, Option<Vec<String>>), StoreError> {
-        let sql = format!(
-            "INSERT INTO sluice_spend_logs ({LOG_COLUMNS}) VALUES {} \
-             ON CONFLICT (request_id) DO NOTHING{}",
-            values_list(self.backend, rows.len(), LOG_COLUMN_COUNT),
-            if returning {
-                " RETURNING request_id"
-            } else {
-                ""
-            }
-        );
+        let sql = insert_logs_sql(self.backend, rows.len(), returning);
         let mut query = sqlx::query(&sql);
         for r in rows {
             query = query
@@ -930,6 +921,21 @@ async fn finish_logged(
 /// Postgres, `(?, ?), (?, ?)` on SQLite. SQLite looks up every `$N` name in a linear list
 /// while preparing and binding, which made a 512-row spend insert take ~800 ms instead of
 /// ~9 ms; anonymous `?` parameters skip that list.
+/// An insert of `rows` spend rows that skips request ids already stored; with `returning`,
+/// the ids inserted come back.
+fn insert_logs_sql(backend: Backend, rows: usize, returning: bool) -> String {
+    format!(
+        "INSERT INTO sluice_spend_logs ({LOG_COLUMNS}) VALUES {} \
+         ON CONFLICT (request_id) DO NOTHING{}",
+        values_list(backend, rows, LOG_COLUMN_COUNT),
+        if returning {
+            " RETURNING request_id"
+        } else {
+            ""
+        }
+    )
+}
+
 fn values_list(backend: Backend, rows: usize, columns: usize) -> String {
     let mut sql = String::with_capacity(rows * columns * 6);
     let mut n = 0;

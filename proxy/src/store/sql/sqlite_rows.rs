@@ -14,7 +14,7 @@ use std::ptr::{self, NonNull};
 use libsqlite3_sys as ffi;
 use sluice_filters::tenancy::SpendRow;
 
-use super::{tags_json, to_i64, LOG_COLUMN_COUNT};
+use super::{insert_logs_sql, tags_json, to_i64, Backend, LOG_COLUMN_COUNT};
 
 /// Rows per step of the many-row statement. Each batch prepares it anew (its connection
 /// may be replaced between batches, and a statement must not outlive it); past 32 rows the
@@ -72,15 +72,10 @@ pub(super) fn insert_each(
         .collect()
 }
 
-/// An insert of `rows` spend rows that skips request ids already stored.
+/// The store's insert of `rows` spend rows, as SQLite's C API takes it.
 fn insert_sql(rows: usize) -> CString {
-    let one = format!("({})", vec!["?"; LOG_COLUMN_COUNT].join(", "));
-    let sql = format!(
-        "INSERT INTO sluice_spend_logs ({}) VALUES {} ON CONFLICT (request_id) DO NOTHING",
-        log_columns!(),
-        vec![one; rows].join(", ")
-    );
-    CString::new(sql).expect("the statement has no NUL inside")
+    CString::new(insert_logs_sql(Backend::Sqlite, rows, false))
+        .expect("the statement has no NUL inside")
 }
 
 /// A prepared statement, finalized when dropped.
