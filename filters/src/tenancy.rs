@@ -6,6 +6,7 @@
 //! the schema small and the same on SQLite, Postgres and memory, and spend is a column so the
 //! batching writer can add to it atomically without rewriting documents.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
@@ -294,7 +295,9 @@ pub struct BudgetRecord {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SpendRow {
     pub request_id: String,
-    pub call_type: String,
+    /// The route called. `Cow`: the gateway's rows name a fixed route, and a row is built on
+    /// every request, so those names are borrowed rather than allocated.
+    pub call_type: Cow<'static, str>,
     /// Hash of the caller's key; empty when auth is off.
     pub api_key: String,
     pub spend: f64,
@@ -319,7 +322,7 @@ pub struct SpendRow {
     pub team_id: Option<String>,
     pub end_user: Option<String>,
     /// `success` or `failure`.
-    pub status: String,
+    pub status: Cow<'static, str>,
     pub status_code: u16,
     pub request_tags: Vec<String>,
 }

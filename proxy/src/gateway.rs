@@ -541,8 +541,9 @@ fn spend_row(ctx: &mut Ctx, status: u16) -> sluice_filters::tenancy::SpendRow {
     let key = ctx.tenant.as_ref().map(|k| &k.key);
     sluice_filters::tenancy::SpendRow {
         request_id: ctx.call_id.clone(),
-        call_type: ctx.route.to_string(),
-        api_key: ctx.key_hash.clone().unwrap_or_default(),
+        call_type: ctx.route.into(),
+        // Taken: the row is the last use of the hash (spend_row runs as the request is logged).
+        api_key: ctx.key_hash.take().unwrap_or_default(),
         spend: served.cost,
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,

@@ -1028,16 +1028,21 @@ fn forward_client_headers(session: &Session, headers: &mut Vec<(String, String)>
 /// The client's response header: the upstream's own headers (hop-by-hop ones dropped) re-sent
 /// as `llm_provider-*`, plus Sluice's.
 fn client_header(
-    ctx: &Ctx,
+    ctx: &mut Ctx,
     upstream: &ResponseHeader,
     extra: &[(&'static str, String)],
     content_type: Option<&str>,
 ) -> ResponseHeader {
     let (total_ms, overhead_ms) = ctx.durations_ms();
-    let mut h = respond::header(upstream.status.as_u16(), &ctx.call_id, extra);
-    if let Some(a) = &ctx.admission {
-        for (k, v) in &a.headers {
-            let _ = h.insert_header(*k, v.clone());
+    let admission = ctx.admission.as_ref().map_or(0, |a| a.headers.len());
+    // Cost, two durations, content type and length, and what the upstream sent.
+    let more = admission + 5 + upstream.headers.len();
+    let mut h = respond::header_with_room(upstream.status.as_u16(), &ctx.call_id, extra, more);
+    // Taken, not cloned: this is the one response they go on, and a clone of a `HeaderValue`
+    // made from a number allocates.
+    if let Some(a) = ctx.admission.as_mut() {
+        for (k, v) in std::mem::take(&mut a.headers) {
+            let _ = h.insert_header(k, v);
         }
     }
     if let Some(s) = &ctx.served {

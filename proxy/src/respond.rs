@@ -26,7 +26,18 @@ pub fn is_hop_header(name: &str) -> bool {
 
 /// A response header with the gateway's standard headers set.
 pub fn header(status: u16, call_id: &str, extra: &[(&str, String)]) -> ResponseHeader {
-    let mut h = ResponseHeader::build(status, Some(8 + extra.len())).expect("valid status");
+    header_with_room(status, call_id, extra, 0)
+}
+
+/// [`header`], with room for `more` headers the caller adds: the header maps are sized once
+/// instead of growing (and rehashing, twice over with the case map) as headers go in.
+pub fn header_with_room(
+    status: u16,
+    call_id: &str,
+    extra: &[(&str, String)],
+    more: usize,
+) -> ResponseHeader {
+    let mut h = ResponseHeader::build(status, Some(8 + extra.len() + more)).expect("valid status");
     let _ = h.insert_header("x-litellm-call-id", call_id);
     let _ = h.insert_header("x-litellm-version", VERSION);
     for (k, v) in extra {

@@ -357,7 +357,7 @@ impl SqlStore {
         for r in rows {
             query = query
                 .bind(r.request_id.as_str())
-                .bind(r.call_type.as_str())
+                .bind(&*r.call_type)
                 .bind(r.api_key.as_str())
                 .bind(r.spend)
                 .bind(to_i64(r.prompt_tokens))
@@ -374,7 +374,7 @@ impl SqlStore {
                 .bind(r.user.as_deref())
                 .bind(r.team_id.as_deref())
                 .bind(r.end_user.as_deref())
-                .bind(r.status.as_str())
+                .bind(&*r.status)
                 .bind(i32::from(r.status_code))
                 .bind(tags_json(&r.request_tags));
         }
@@ -1039,7 +1039,7 @@ fn spend_row_from_row(row: &AnyRow) -> Result<SpendRow, StoreError> {
     let status_code: i64 = row.try_get("status_code").map_err(db_err)?;
     let tags = text("request_tags")?;
     Ok(SpendRow {
-        call_type: text("call_type")?,
+        call_type: text("call_type")?.into(),
         api_key: text("api_key")?,
         spend: row.try_get("spend").map_err(db_err)?,
         prompt_tokens: count("prompt_tokens")?,
@@ -1060,7 +1060,7 @@ fn spend_row_from_row(row: &AnyRow) -> Result<SpendRow, StoreError> {
         user: opt_text("user_id")?,
         team_id: opt_text("team_id")?,
         end_user: opt_text("end_user")?,
-        status: text("status")?,
+        status: text("status")?.into(),
         status_code: u16::try_from(status_code)
             .map_err(|_| corrupt(&format!("status_code is {status_code}")))?,
         request_tags: serde_json::from_str(&tags)
