@@ -917,10 +917,6 @@ async fn finish_logged(
     }
 }
 
-/// `rows` parenthesised lists of `columns` placeholders each: `($1, $2), ($3, $4)` on
-/// Postgres, `(?, ?), (?, ?)` on SQLite. SQLite looks up every `$N` name in a linear list
-/// while preparing and binding, which made a 512-row spend insert take ~800 ms instead of
-/// ~9 ms; anonymous `?` parameters skip that list.
 /// An insert of `rows` spend rows that skips request ids already stored; with `returning`,
 /// the ids inserted come back.
 fn insert_logs_sql(backend: Backend, rows: usize, returning: bool) -> String {
@@ -936,6 +932,10 @@ fn insert_logs_sql(backend: Backend, rows: usize, returning: bool) -> String {
     )
 }
 
+/// `rows` parenthesised lists of `columns` placeholders each: `($1, $2), ($3, $4)` on
+/// Postgres, `(?, ?), (?, ?)` on SQLite. SQLite looks up every `$N` name in a linear list
+/// while preparing and binding, which made a 512-row spend insert take ~800 ms instead of
+/// ~9 ms; anonymous `?` parameters skip that list.
 fn values_list(backend: Backend, rows: usize, columns: usize) -> String {
     let mut sql = String::with_capacity(rows * columns * 6);
     let mut n = 0;

@@ -59,7 +59,7 @@ pub struct Admission {
     /// Tokens and cost already counted (parallel slot released) before the logging phase.
     settled: bool,
     /// `x-ratelimit-*` and `x-litellm-key-spend` headers for the response, values made
-    /// once (numbers without a `String` between) and shared by reference count.
+    /// from the numbers without a `String` between; moved onto the response when it is built.
     pub headers: Vec<(&'static str, HeaderValue)>,
 }
 
