@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use sluice_config::{split_model, Deployment};
@@ -23,7 +24,7 @@ use sluice_filters::ApiError;
 use crate::app::{App, MAX_ERROR_BODY_BYTES};
 use crate::gateway::{client_gone, read_body, Ctx};
 use crate::metrics::{deployment_labels, deployment_labels_with_status};
-use crate::respond;
+use crate::respond::{self, names};
 use crate::router::{DeploymentState, FallbackKind, Group, Picked};
 use crate::target::Target;
 use crate::upstream::{Call, CallError, OpenResponse};
@@ -1037,41 +1038,42 @@ fn client_header(
     let admission = ctx.admission.as_ref().map_or(0, |a| a.headers.len());
     // Cost, two durations, content type and length, and what the upstream sent.
     let more = admission + 5 + upstream.headers.len();
-    let mut h = respond::header_with_room(upstream.status.as_u16(), &ctx.call_id, extra, more);
+    let mut h = respond::standard_headers(&ctx.call_id, extra, more);
     // Taken, not cloned: this is the one response they go on, and a clone of a `HeaderValue`
     // made from a number allocates.
     if let Some(a) = ctx.admission.as_mut() {
         for (k, v) in std::mem::take(&mut a.headers) {
-            let _ = h.insert_header(k, v);
+            h.insert(k, v);
         }
     }
+    let mut put = |name, value: String| {
+        if let Ok(v) = HeaderValue::try_from(value) {
+            h.insert(name, v);
+        }
+    };
     if let Some(s) = &ctx.served {
-        let _ = h.insert_header("x-litellm-response-cost", s.cost.to_string());
+        put(names::RESPONSE_COST, s.cost.to_string());
     }
-    let _ = h.insert_header("x-litellm-response-duration-ms", format!("{total_ms:.3}"));
-    let _ = h.insert_header(
-        "x-litellm-overhead-duration-ms",
-        format!("{overhead_ms:.3}"),
-    );
+    put(names::RESPONSE_DURATION_MS, format!("{total_ms:.3}"));
+    put(names::OVERHEAD_DURATION_MS, format!("{overhead_ms:.3}"));
     for (name, value) in upstream.headers.iter() {
         let n = name.as_str();
         if respond::is_hop_header(n) || n == "content-type" || n == "date" || n == "server" {
             continue;
         }
-        let _ = h.append_header(format!("llm_provider-{n}"), value.clone());
+        if let Ok(name) = HeaderName::try_from(format!("llm_provider-{n}")) {
+            h.append(name, value.clone());
+        }
     }
-    let ct = content_type
-        .map(str::to_string)
-        .or_else(|| {
-            upstream
-                .headers
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "application/json".into());
-    let _ = h.insert_header("content-type", ct);
-    h
+    let ct = match content_type {
+        Some(ct) => HeaderValue::from_str(ct).ok(),
+        None => upstream.headers.get(CONTENT_TYPE).cloned(),
+    };
+    h.insert(
+        CONTENT_TYPE,
+        ct.unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    respond::response_header(upstream.status.as_u16(), h)
 }
 
 fn record_success(

@@ -2,6 +2,8 @@
 //! become HTTP), and the headers every answer carries.
 
 use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use sluice_filters::ApiError;
@@ -24,26 +26,63 @@ pub fn is_hop_header(name: &str) -> bool {
     )
 }
 
-/// A response header with the gateway's standard headers set.
-pub fn header(status: u16, call_id: &str, extra: &[(&str, String)]) -> ResponseHeader {
-    header_with_room(status, call_id, extra, 0)
+/// Sluice's own response header names, made at compile time: a name built from a string at run
+/// time is parsed and, unless it is a standard one, copied into an allocation.
+pub mod names {
+    use http::header::HeaderName;
+
+    pub const CALL_ID: HeaderName = HeaderName::from_static("x-litellm-call-id");
+    pub const VERSION: HeaderName = HeaderName::from_static("x-litellm-version");
+    pub const RESPONSE_COST: HeaderName = HeaderName::from_static("x-litellm-response-cost");
+    pub const RESPONSE_DURATION_MS: HeaderName =
+        HeaderName::from_static("x-litellm-response-duration-ms");
+    pub const OVERHEAD_DURATION_MS: HeaderName =
+        HeaderName::from_static("x-litellm-overhead-duration-ms");
+    pub const KEY_SPEND: HeaderName = HeaderName::from_static("x-litellm-key-spend");
+    pub const SOFT_BUDGET_EXCEEDED: HeaderName =
+        HeaderName::from_static("x-litellm-soft-budget-exceeded");
+    pub const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+    pub const REMAINING_REQUESTS: HeaderName =
+        HeaderName::from_static("x-ratelimit-remaining-requests");
+    pub const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+    pub const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+    pub const REMAINING_TOKENS: HeaderName =
+        HeaderName::from_static("x-ratelimit-remaining-tokens");
+    pub const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 }
 
-/// [`header`], with room for `more` headers the caller adds: the header maps are sized once
-/// instead of growing (and rehashing, twice over with the case map) as headers go in.
-pub fn header_with_room(
-    status: u16,
-    call_id: &str,
-    extra: &[(&str, String)],
-    more: usize,
-) -> ResponseHeader {
-    let mut h = ResponseHeader::build(status, Some(8 + extra.len() + more)).expect("valid status");
-    let _ = h.insert_header("x-litellm-call-id", call_id);
-    let _ = h.insert_header("x-litellm-version", VERSION);
+/// A response header with the gateway's standard headers set.
+pub fn header(status: u16, call_id: &str, extra: &[(&'static str, String)]) -> ResponseHeader {
+    response_header(status, standard_headers(call_id, extra, 0))
+}
+
+/// The headers every answer carries, plus `extra`, in a map with room for `more` headers the
+/// caller adds: sized once instead of growing (and rehashing) as headers go in.
+pub fn standard_headers(call_id: &str, extra: &[(&'static str, String)], more: usize) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(2 + extra.len() + more);
+    if let Ok(v) = HeaderValue::from_str(call_id) {
+        h.insert(names::CALL_ID, v);
+    }
+    h.insert(names::VERSION, HeaderValue::from_static(VERSION));
     for (k, v) in extra {
-        let _ = h.append_header(k.to_string(), v.as_str());
+        // `from_static` does not allocate; the names are literals, checked by the tests that
+        // send them.
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.append(HeaderName::from_static(k), v);
+        }
     }
     h
+}
+
+/// The response header for `headers`, built without pingora's header-case map: every name then
+/// goes in as a `HeaderName`, not parsed from a string twice (once for each map) as
+/// `insert_header` does. On HTTP/1 pingora writes standard names title-cased (`Content-Type`),
+/// the others as they are (lower case); names are case-insensitive (RFC 9110, 5.1).
+pub fn response_header(status: u16, headers: HeaderMap) -> ResponseHeader {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = StatusCode::from_u16(status).expect("valid status");
+    parts.headers = headers;
+    ResponseHeader::from(parts)
 }
 
 /// Sends a complete response. Returns false if the client is gone.
@@ -67,7 +106,7 @@ pub async fn send_json(
     status: u16,
     call_id: &str,
     body: impl Into<Bytes>,
-    extra: &[(&str, String)],
+    extra: &[(&'static str, String)],
 ) -> bool {
     let mut h = header(status, call_id, extra);
     let _ = h.insert_header("content-type", "application/json");
@@ -79,7 +118,7 @@ pub async fn send_error(
     session: &mut Session,
     call_id: &str,
     err: &ApiError,
-    extra: &[(&str, String)],
+    extra: &[(&'static str, String)],
     anthropic_shape: bool,
 ) -> bool {
     let mut extra = extra.to_vec();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
 use sluice_config::TenancySettings;
@@ -25,6 +25,8 @@ use sluice_filters::ApiError;
 
 use counters::{Counters, Denial, LocalCounters, RedisCounters, Scope, Standing};
 use writer::SpendWriter;
+
+use crate::respond::names;
 
 /// A virtual key with everything its checks need, as cached.
 #[derive(Debug)]
@@ -60,7 +62,7 @@ pub struct Admission {
     settled: bool,
     /// `x-ratelimit-*` and `x-litellm-key-spend` headers for the response, values made
     /// from the numbers without a `String` between; moved onto the response when it is built.
-    pub headers: Vec<(&'static str, HeaderValue)>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Which level a scope stands for, for messages.
@@ -594,7 +596,7 @@ impl Tenancy {
                 .map_or(0.0, |(_, st)| st.spend);
             if k.key.limits.soft_budget.is_some_and(|soft| spend >= soft) {
                 headers.push((
-                    "x-litellm-soft-budget-exceeded",
+                    names::SOFT_BUDGET_EXCEEDED,
                     HeaderValue::from_static("true"),
                 ));
                 if self.soft_warned.lock().insert(k.key.token.clone()) {
@@ -742,7 +744,7 @@ fn admission_headers(
     scopes: &[Scope],
     standings: &[Standing],
     has_key: bool,
-) -> Vec<(&'static str, HeaderValue)> {
+) -> Vec<(HeaderName, HeaderValue)> {
     let mut h = vec![];
     let Some(i) = scopes
         .iter()
@@ -753,24 +755,24 @@ fn admission_headers(
     };
     let (s, st) = (&scopes[i], &standings[i]);
     if let Ok(spend) = HeaderValue::try_from(st.spend.to_string()) {
-        h.push(("x-litellm-key-spend", spend));
+        h.push((names::KEY_SPEND, spend));
     }
     let reset = HeaderValue::from(counters::window_reset_secs());
     if let Some(l) = s.rpm {
-        h.push(("x-ratelimit-limit-requests", HeaderValue::from(l)));
+        h.push((names::LIMIT_REQUESTS, HeaderValue::from(l)));
         h.push((
-            "x-ratelimit-remaining-requests",
+            names::REMAINING_REQUESTS,
             HeaderValue::from(l.saturating_sub(st.requests)),
         ));
-        h.push(("x-ratelimit-reset-requests", reset.clone()));
+        h.push((names::RESET_REQUESTS, reset.clone()));
     }
     if let Some(l) = s.tpm {
-        h.push(("x-ratelimit-limit-tokens", HeaderValue::from(l)));
+        h.push((names::LIMIT_TOKENS, HeaderValue::from(l)));
         h.push((
-            "x-ratelimit-remaining-tokens",
+            names::REMAINING_TOKENS,
             HeaderValue::from(l.saturating_sub(st.tokens)),
         ));
-        h.push(("x-ratelimit-reset-tokens", reset));
+        h.push((names::RESET_TOKENS, reset));
     }
     h
 }
