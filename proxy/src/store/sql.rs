@@ -932,6 +932,18 @@ fn insert_logs_sql(backend: Backend, rows: usize, returning: bool) -> String {
     )
 }
 
+/// A SQLite insert of `rows` spend rows that skips any row breaking a constraint: SQLite then
+/// needs no statement journal, as no constraint can abort the statement halfway. The only
+/// constraints besides the request id's are NOT NULL ones, and the raw writer binds those
+/// columns from fields that cannot be empty; a row skipped for whatever reason shows in the
+/// change count and sends the batch down the strict path ([`insert_logs_sql`]).
+fn insert_logs_or_ignore_sql(rows: usize) -> String {
+    format!(
+        "INSERT OR IGNORE INTO sluice_spend_logs ({LOG_COLUMNS}) VALUES {}",
+        values_list(Backend::Sqlite, rows, LOG_COLUMN_COUNT),
+    )
+}
+
 /// `rows` parenthesised lists of `columns` placeholders each: `($1, $2), ($3, $4)` on
 /// Postgres, `(?, ?), (?, ?)` on SQLite. SQLite looks up every `$N` name in a linear list
 /// while preparing and binding, which made a 512-row spend insert take ~800 ms instead of

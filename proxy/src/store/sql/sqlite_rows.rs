@@ -14,7 +14,9 @@ use std::ptr::{self, NonNull};
 use libsqlite3_sys as ffi;
 use sluice_filters::tenancy::SpendRow;
 
-use super::{insert_logs_sql, tags_json, to_i64, Backend, LOG_COLUMN_COUNT};
+use super::{
+    insert_logs_or_ignore_sql, insert_logs_sql, tags_json, to_i64, Backend, LOG_COLUMN_COUNT,
+};
 
 /// Rows per step of the many-row statement. Each batch prepares it anew (its connection
 /// may be replaced between batches, and a statement must not outlive it); past 32 rows the
@@ -30,7 +32,8 @@ pub(super) struct SqliteError {
 }
 
 /// Inserts `rows` in order, [`ROWS_PER_STEP`] at a time, skipping request ids already stored;
-/// `Ok(false)` as soon as some row did not go in (its id was stored, or repeats in `rows`):
+/// `Ok(false)` as soon as some row did not go in (its id was stored, or repeats in `rows`; or,
+/// though it cannot happen, it broke another constraint, which `insert_each` then reports):
 /// the caller then rolls back and writes the batch with [`insert_each`]. The caller holds
 /// `db` locked, inside its transaction, for the whole call.
 pub(super) fn insert_all_new(
@@ -40,7 +43,7 @@ pub(super) fn insert_all_new(
     let db = db.as_ptr();
     let mut groups = rows.chunks_exact(ROWS_PER_STEP);
     if groups.len() > 0 {
-        let many = Statement::prepare(db, &insert_sql(ROWS_PER_STEP))?;
+        let many = Statement::prepare(db, &sql(insert_logs_or_ignore_sql(ROWS_PER_STEP)))?;
         for group in groups.by_ref() {
             if many.insert(db, group)? != group.len() {
                 return Ok(false);
@@ -49,7 +52,7 @@ pub(super) fn insert_all_new(
     }
     let rest = groups.remainder();
     if !rest.is_empty() {
-        let one = Statement::prepare(db, &insert_sql(1))?;
+        let one = Statement::prepare(db, &sql(insert_logs_or_ignore_sql(1)))?;
         for row in rest {
             if one.insert(db, std::slice::from_ref(row))? != 1 {
                 return Ok(false);
@@ -60,22 +63,22 @@ pub(super) fn insert_all_new(
 }
 
 /// Inserts `rows` in order, one step each, and says for each whether it went in (`false`:
-/// its request id was stored already, or came earlier in `rows`). Held as [`insert_all_new`].
+/// its request id was stored already, or came earlier in `rows`); a row that breaks any other
+/// constraint is an error. Held as [`insert_all_new`].
 pub(super) fn insert_each(
     db: NonNull<ffi::sqlite3>,
     rows: &[SpendRow],
 ) -> Result<Vec<bool>, SqliteError> {
     let db = db.as_ptr();
-    let one = Statement::prepare(db, &insert_sql(1))?;
+    let one = Statement::prepare(db, &sql(insert_logs_sql(Backend::Sqlite, 1, false)))?;
     rows.iter()
         .map(|row| Ok(one.insert(db, std::slice::from_ref(row))? == 1))
         .collect()
 }
 
-/// The store's insert of `rows` spend rows, as SQLite's C API takes it.
-fn insert_sql(rows: usize) -> CString {
-    CString::new(insert_logs_sql(Backend::Sqlite, rows, false))
-        .expect("the statement has no NUL inside")
+/// One of the store's statements, as SQLite's C API takes it.
+fn sql(text: String) -> CString {
+    CString::new(text).expect("the statement has no NUL inside")
 }
 
 /// A prepared statement, finalized when dropped.
