@@ -4,7 +4,6 @@
 //! on its own traffic) until it answers again: requests keep flowing rather than fail on a
 //! cache outage, and the outage is logged and counted in `litellm_redis_fails`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -96,7 +95,7 @@ impl ScopeState {
 /// only the first time it is seen, not on every request).
 #[derive(Default)]
 pub struct LocalCounters {
-    scopes: Mutex<[HashMap<String, ScopeState>; Kind::ALL.len()]>,
+    scopes: Mutex<[super::FastMap<String, ScopeState>; Kind::ALL.len()]>,
 }
 
 fn slot(kind: Kind) -> usize {

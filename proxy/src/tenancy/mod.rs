@@ -100,15 +100,21 @@ pub fn budget_period(limits: &Limits, now: DateTime<Utc>) -> (i64, Option<DateTi
     (at.timestamp(), Some(at))
 }
 
+/// The maps looked up on every request, several times each with 64-character key hashes.
+/// foldhash (hashbrown's default hasher, seeded at random like std's) hashes those several
+/// times faster than std's SipHash; its random seed still keeps ids a client chooses (end
+/// users) from being picked to collide.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 pub struct Tenancy {
     pub store: Arc<dyn Store>,
     pub settings: TenancySettings,
     pub counters: Counters,
     pub writer: SpendWriter,
-    keys: RwLock<HashMap<String, Arc<KeyContext>>>,
+    keys: RwLock<FastMap<String, Arc<KeyContext>>>,
     /// Keys recently looked up and not found, so a bad key cannot make every request a query.
-    missing: Mutex<HashMap<String, Instant>>,
-    customers: RwLock<HashMap<String, Option<Arc<CustomerRecord>>>>,
+    missing: Mutex<FastMap<String, Instant>>,
+    customers: RwLock<FastMap<String, Option<Arc<CustomerRecord>>>>,
     /// Bumped by every invalidation, before the entries go. A load notes it before reading the
     /// store and caches what it read only if it has not moved since: a read that began before
     /// a change committed and ended after the poll dropped the old entry would otherwise put
@@ -164,9 +170,9 @@ impl Tenancy {
                 redis,
             },
             writer,
-            keys: RwLock::new(HashMap::new()),
-            missing: Mutex::new(HashMap::new()),
-            customers: RwLock::new(HashMap::new()),
+            keys: RwLock::default(),
+            missing: Mutex::default(),
+            customers: RwLock::default(),
             cache_epoch: AtomicU64::new(0),
             global: RwLock::new((0.0, Limits::default())),
             change_seq: AtomicI64::new(seq),
