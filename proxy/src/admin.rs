@@ -1145,13 +1145,13 @@ async fn spend_report(t: &Tenancy, q: &(dyn Fn(&str) -> Option<String> + Sync)) 
             "customer" => r.end_user.clone(),
             "api_key" => Some(r.api_key.clone()),
             "user" => r.user.clone(),
-            _ => Some(r.model_group.clone()),
+            _ => Some(r.model_group.to_string()),
         }
         .unwrap_or_default();
         let day = r.start_time.format("%Y-%m-%d").to_string();
         let entry = days.entry(day).or_default().entry(group).or_default();
         entry.0 += r.spend;
-        let m = entry.1.entry(r.model_group.clone()).or_default();
+        let m = entry.1.entry(r.model_group.to_string()).or_default();
         m.0 += r.spend;
         m.1 += r.total_tokens;
     }

@@ -55,10 +55,10 @@ pub type Prices = (Option<f64>, Option<f64>);
 #[derive(Debug, Clone, Default)]
 pub struct Served {
     pub model: String,
-    pub model_id: String,
-    pub model_group: String,
-    pub provider: String,
-    pub api_base: String,
+    pub model_id: Arc<str>,
+    pub model_group: Arc<str>,
+    pub provider: Arc<str>,
+    pub api_base: Arc<str>,
     pub usage: sluice_filters::usage::Usage,
     pub cost: f64,
     pub ttft: Option<Duration>,
@@ -557,7 +557,7 @@ fn spend_row(ctx: &mut Ctx, status: u16) -> sluice_filters::tenancy::SpendRow {
         model: served.model,
         model_id: served.model_id,
         model_group: if served.model_group.is_empty() {
-            ctx.requested_model.clone().unwrap_or_default()
+            ctx.requested_model.as_deref().unwrap_or_default().into()
         } else {
             served.model_group
         },

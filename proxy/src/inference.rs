@@ -1298,15 +1298,20 @@ fn served(
     let group = &picked.deployment.config;
     let c = &*plan.deployment;
     let usage = usage.unwrap_or_default();
+    // A wildcard's concrete deployment is made per request; the others share their names.
+    let labels = match &plan.deployment {
+        std::borrow::Cow::Borrowed(_) => picked.deployment.labels.clone(),
+        std::borrow::Cow::Owned(concrete) => crate::router::Labels::of(concrete),
+    };
     crate::gateway::Served {
         model_group: if group.is_wildcard() {
-            ctx.requested_model.clone().unwrap_or_default()
+            ctx.requested_model.as_deref().unwrap_or_default().into()
         } else {
-            group.model_name.clone()
+            labels.model_group
         },
-        model_id: group.id.clone(),
-        provider: c.provider.name().to_string(),
-        api_base: c.api_base.clone().unwrap_or_default(),
+        model_id: labels.model_id,
+        provider: labels.provider,
+        api_base: labels.api_base,
         cost: crate::tenancy::cost_for(
             c.provider.name(),
             &plan.upstream_model,

@@ -324,7 +324,7 @@ fn record_usage(app: &App, ctx: &mut Ctx, u: Usage) {
         .unwrap_or_else(|| ("hosted_vllm".into(), (None, None)));
     ctx.served = Some(crate::gateway::Served {
         model: model.to_string(),
-        model_group: model.to_string(),
+        model_group: model.into(),
         cost: crate::tenancy::cost_for(
             &provider,
             model,
@@ -333,7 +333,7 @@ fn record_usage(app: &App, ctx: &mut Ctx, u: Usage) {
             u.prompt_tokens,
             u.completion_tokens,
         ),
-        provider,
+        provider: provider.into(),
         usage: u,
         ..Default::default()
     });

@@ -79,6 +79,8 @@ fn mean(v: &[f64]) -> Option<f64> {
 /// A deployment plus its live state.
 pub struct DeploymentState {
     pub config: Deployment,
+    /// The names a spend row carries, made once here and shared by every row.
+    pub labels: Labels,
     /// Parsed `api_base`; an error explains why the deployment cannot be called.
     pub target: Result<Target, String>,
     pub provider: Result<Provider, ApiError>,
@@ -88,6 +90,26 @@ pub struct DeploymentState {
     window: Mutex<Window>,
     cooldown_until: Mutex<Option<Instant>>,
     latency: Mutex<Latency>,
+}
+
+/// A deployment's names as the spend log records them: group, id, provider and api_base.
+#[derive(Debug, Clone, Default)]
+pub struct Labels {
+    pub model_group: Arc<str>,
+    pub model_id: Arc<str>,
+    pub provider: Arc<str>,
+    pub api_base: Arc<str>,
+}
+
+impl Labels {
+    pub fn of(config: &Deployment) -> Labels {
+        Labels {
+            model_group: config.model_name.as_str().into(),
+            model_id: config.id.as_str().into(),
+            provider: config.provider.name().into(),
+            api_base: config.api_base.as_deref().unwrap_or_default().into(),
+        }
+    }
 }
 
 impl DeploymentState {
@@ -109,6 +131,7 @@ impl DeploymentState {
             )),
         };
         DeploymentState {
+            labels: Labels::of(&config),
             config,
             target,
             provider,

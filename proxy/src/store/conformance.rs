@@ -519,7 +519,7 @@ async fn spend_rows_round_trip_exactly(store: &dyn Store) {
         .map(|(i, (text, spend))| {
             let mut r = row(&format!("exact-{i}"), "exact-key", "exact-g", spend);
             r.model = (*text).into();
-            r.api_base = format!("{text}/v1");
+            r.api_base = format!("{text}/v1").into();
             r.user = (i % 2 == 0).then(|| (*text).into());
             r.team_id = (i % 3 == 0).then(|| format!("team {text}"));
             r.end_user = (i % 2 == 1).then(|| (*text).into());

@@ -367,10 +367,10 @@ impl SqlStore {
                 .bind(r.end_time.timestamp_micros())
                 .bind(r.completion_start_time.map(|t| t.timestamp_micros()))
                 .bind(r.model.as_str())
-                .bind(r.model_id.as_str())
-                .bind(r.model_group.as_str())
-                .bind(r.custom_llm_provider.as_str())
-                .bind(r.api_base.as_str())
+                .bind(&*r.model_id)
+                .bind(&*r.model_group)
+                .bind(&*r.custom_llm_provider)
+                .bind(&*r.api_base)
                 .bind(r.user.as_deref())
                 .bind(r.team_id.as_deref())
                 .bind(r.end_user.as_deref())
@@ -1065,10 +1065,10 @@ fn spend_row_from_row(row: &AnyRow) -> Result<SpendRow, StoreError> {
             .map(time)
             .transpose()?,
         model: text("model")?,
-        model_id: text("model_id")?,
-        model_group: text("model_group")?,
-        custom_llm_provider: text("custom_llm_provider")?,
-        api_base: text("api_base")?,
+        model_id: text("model_id")?.into(),
+        model_group: text("model_group")?.into(),
+        custom_llm_provider: text("custom_llm_provider")?.into(),
+        api_base: text("api_base")?.into(),
         user: opt_text("user_id")?,
         team_id: opt_text("team_id")?,
         end_user: opt_text("end_user")?,
