@@ -21,13 +21,17 @@ const CHANNEL: usize = 65_536;
 /// Rows kept while the database is away; beyond this the oldest are dropped (and counted).
 pub const MAX_PENDING: usize = 2_000_000;
 
+/// Rows cross the channel by value: a `Box` made on the request's thread would be freed on
+/// the writer's, and the allocator hands such blocks back to the request thread cold.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
-    Row(Box<SpendRow>),
+    Row(SpendRow),
     /// A budget period ended: spend back to 0 with the new document, after the rows before it.
     Reset(Kind, String, Value),
     Flush(oneshot::Sender<usize>),
 }
 
+/// Boxed on the writer's own thread: while the database is away millions may wait here.
 enum Op {
     Row(Box<SpendRow>),
     Reset(Kind, String, Value),
@@ -65,7 +69,7 @@ impl SpendWriter {
     /// Queues a row without waiting.
     pub fn push(&self, row: SpendRow) {
         let queued = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
-        self.send(Msg::Row(Box::new(row)));
+        self.send(Msg::Row(row));
         if queued % BATCH as i64 == 0 {
             self.wake.notify_one();
         }
@@ -110,6 +114,9 @@ async fn run(
     dropped: prometheus::IntCounter,
 ) {
     let mut pending: VecDeque<Op> = VecDeque::new();
+    // One batch's rows, kept between batches: a fresh 1,000-row vector each time is a large
+    // allocation the allocator returns to the OS in between, and faults in again.
+    let mut batch: Vec<SpendRow> = Vec::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::ZERO;
@@ -117,7 +124,7 @@ async fn run(
     loop {
         let mut flush_waiter = None;
         let mut take = |m: Msg, pending: &mut VecDeque<Op>| match m {
-            Msg::Row(r) => pending.push_back(Op::Row(r)),
+            Msg::Row(r) => pending.push_back(Op::Row(Box::new(r))),
             Msg::Reset(k, id, doc) => pending.push_back(Op::Reset(k, id, doc)),
             Msg::Flush(tx) => flush_waiter = Some(tx),
         };
@@ -130,7 +137,7 @@ async fn run(
                 Ok(m) => take(m, &mut pending),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                    write_all(&*store, &mut pending, &queued).await;
+                    write_all(&*store, &mut pending, &mut batch, &queued).await;
                     return;
                 }
             }
@@ -146,7 +153,7 @@ async fn run(
         }
         if let Some(tx) = flush_waiter {
             // A flush retries until it succeeds or the caller stops waiting.
-            while !write_all(&*store, &mut pending, &queued).await && !tx.is_closed() {
+            while !write_all(&*store, &mut pending, &mut batch, &queued).await && !tx.is_closed() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             let _ = tx.send(pending.len());
@@ -154,7 +161,7 @@ async fn run(
         }
         let due = tick || pending.len() >= BATCH;
         if due && !pending.is_empty() && tokio::time::Instant::now() >= retry_at {
-            if write_all(&*store, &mut pending, &queued).await {
+            if write_all(&*store, &mut pending, &mut batch, &queued).await {
                 backoff = Duration::ZERO;
             } else {
                 backoff = (backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
@@ -165,7 +172,13 @@ async fn run(
 }
 
 /// Writes pending operations in order; `false` (with the rest kept) at the first failure.
-async fn write_all(store: &dyn Store, pending: &mut VecDeque<Op>, queued: &AtomicI64) -> bool {
+/// `rows` is scratch space for a batch, empty between calls.
+async fn write_all(
+    store: &dyn Store,
+    pending: &mut VecDeque<Op>,
+    rows: &mut Vec<SpendRow>,
+    queued: &AtomicI64,
+) -> bool {
     while let Some(front) = pending.front() {
         match front {
             Op::Reset(kind, id, doc) => {
@@ -177,7 +190,7 @@ async fn write_all(store: &dyn Store, pending: &mut VecDeque<Op>, queued: &Atomi
             }
             Op::Row(_) => {
                 // Rows move out for the write and back in front if it fails (no copies).
-                let mut rows: Vec<SpendRow> = Vec::with_capacity(BATCH.min(pending.len()));
+                rows.reserve(BATCH.min(pending.len()));
                 while rows.len() < BATCH {
                     match pending.pop_front() {
                         Some(Op::Row(r)) => rows.push(*r),
@@ -188,14 +201,15 @@ async fn write_all(store: &dyn Store, pending: &mut VecDeque<Op>, queued: &Atomi
                         None => break,
                     }
                 }
-                if let Err(e) = store.write_spend(&rows).await {
+                if let Err(e) = store.write_spend(rows).await {
                     tracing::warn!(error = %e, rows = rows.len(), "spend rows not written yet; kept for retry");
-                    for r in rows.into_iter().rev() {
+                    for r in rows.drain(..).rev() {
                         pending.push_front(Op::Row(Box::new(r)));
                     }
                     return false;
                 }
                 queued.fetch_sub(rows.len() as i64, Ordering::Relaxed);
+                rows.clear();
             }
         }
     }
