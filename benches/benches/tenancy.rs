@@ -66,7 +66,7 @@ fn bench(c: &mut Criterion) {
                     .unwrap();
                 let row = SpendRow {
                     request_id: "r".into(),
-                    api_key: token.clone(),
+                    api_key: k.token.clone(),
                     spend: 0.0001,
                     total_tokens: 10,
                     model_group: "m".into(),

@@ -299,8 +299,8 @@ pub struct SpendRow {
     /// The route called. `Cow`: the gateway's rows name a fixed route, and a row is built on
     /// every request, so those names are borrowed rather than allocated.
     pub call_type: Cow<'static, str>,
-    /// Hash of the caller's key; empty when auth is off.
-    pub api_key: String,
+    /// Hash of the caller's key; empty when auth is off. Shared with the cached key.
+    pub api_key: Arc<str>,
     pub spend: f64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -312,7 +312,7 @@ pub struct SpendRow {
     #[serde(rename = "completionStartTime")]
     pub completion_start_time: Option<DateTime<Utc>>,
     /// The upstream model.
-    pub model: String,
+    pub model: Arc<str>,
     /// The deployment id. This and the next three are the deployment's names, shared with
     /// it (`Arc`) rather than copied into every row: a row waits in the writer's queue until
     /// its batch is written, and fewer allocations there cost less on the request path.
@@ -336,7 +336,7 @@ impl SpendRow {
     /// allocates per counter, not per row.
     fn counters(&self) -> impl Iterator<Item = (Kind, &str, Option<&str>)> {
         let group = Some(&*self.model_group).filter(|g| !g.is_empty());
-        let key = Some(self.api_key.as_str()).filter(|k| !k.is_empty());
+        let key = Some(&*self.api_key).filter(|k| !k.is_empty());
         let owners = [
             (Kind::User, &self.user),
             (Kind::Team, &self.team_id),

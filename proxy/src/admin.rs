@@ -1143,7 +1143,7 @@ async fn spend_report(t: &Tenancy, q: &(dyn Fn(&str) -> Option<String> + Sync)) 
         let group = match group_by.as_str() {
             "team" => r.team_id.clone(),
             "customer" => r.end_user.clone(),
-            "api_key" => Some(r.api_key.clone()),
+            "api_key" => Some(r.api_key.to_string()),
             "user" => r.user.clone(),
             _ => Some(r.model_group.to_string()),
         }

@@ -32,7 +32,7 @@ pub struct Ctx {
     /// Wall-clock arrival, for the spend log.
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// The caller's key hash once authenticated (master or virtual key).
-    pub key_hash: Option<String>,
+    pub key_hash: Option<Arc<str>>,
     /// The virtual key behind the request, when it used one.
     pub tenant: Option<Arc<crate::tenancy::KeyContext>>,
     /// Counted against the caller's limits until the logging phase settles it.
@@ -54,7 +54,7 @@ pub type Prices = (Option<f64>, Option<f64>);
 /// The deployment that answered a call, and what the call used and cost.
 #[derive(Debug, Clone, Default)]
 pub struct Served {
-    pub model: String,
+    pub model: Arc<str>,
     pub model_id: Arc<str>,
     pub model_group: Arc<str>,
     pub provider: Arc<str>,
@@ -112,7 +112,7 @@ impl Gateway {
         let master = self.app.auth.authenticate(key);
         let (Some(t), Err(refused), Some(key)) = (&self.app.tenancy, &master, key) else {
             if let Ok(p) = &master {
-                ctx.key_hash = p.key_hash.clone();
+                ctx.key_hash = p.key_hash.as_deref().map(Arc::from);
             }
             return master;
         };
@@ -167,11 +167,11 @@ impl Gateway {
         let principal = Principal {
             admin: k.is_admin(),
             models: crate::admin::expand_models(&self.app, own),
-            key_hash: Some(token.clone()),
+            key_hash: Some(token),
             user_id: k.key.user_id.clone(),
             team_id: k.key.team_id.clone(),
         };
-        ctx.key_hash = Some(token);
+        ctx.key_hash = Some(k.token.clone());
         ctx.tenant = Some(k);
         Ok(principal)
     }

@@ -1320,7 +1320,11 @@ fn served(
             usage.prompt_tokens,
             usage.completion_tokens,
         ),
-        model: plan.upstream_model.clone(),
+        model: if *labels.model == plan.upstream_model {
+            labels.model
+        } else {
+            plan.upstream_model.as_str().into()
+        },
         usage,
         ttft,
     }

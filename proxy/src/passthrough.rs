@@ -323,7 +323,7 @@ fn record_usage(app: &App, ctx: &mut Ctx, u: Usage) {
         .clone()
         .unwrap_or_else(|| ("hosted_vllm".into(), (None, None)));
     ctx.served = Some(crate::gateway::Served {
-        model: model.to_string(),
+        model: model.into(),
         model_group: model.into(),
         cost: crate::tenancy::cost_for(
             &provider,

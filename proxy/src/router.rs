@@ -92,9 +92,11 @@ pub struct DeploymentState {
     latency: Mutex<Latency>,
 }
 
-/// A deployment's names as the spend log records them: group, id, provider and api_base.
+/// A deployment's names as the spend log records them: model, group, id, provider, api_base.
 #[derive(Debug, Clone, Default)]
 pub struct Labels {
+    /// The upstream model as configured (a wildcard's is made per request).
+    pub model: Arc<str>,
     pub model_group: Arc<str>,
     pub model_id: Arc<str>,
     pub provider: Arc<str>,
@@ -104,6 +106,7 @@ pub struct Labels {
 impl Labels {
     pub fn of(config: &Deployment) -> Labels {
         Labels {
+            model: config.upstream_model.as_str().into(),
             model_group: config.model_name.as_str().into(),
             model_id: config.id.as_str().into(),
             provider: config.provider.name().into(),

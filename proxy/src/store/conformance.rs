@@ -465,10 +465,7 @@ async fn write_spend_counts_each_request_once(store: &dyn Store) {
     let logs = store.spend_logs(&by_key).await.unwrap();
     assert_eq!(logs.len(), 3);
     let third = logs.iter().find(|r| r.request_id == "idem-3").unwrap();
-    assert_eq!(
-        (third.spend, third.model.as_str()),
-        (0.5, "gpt-4o-2024-08-06")
-    );
+    assert_eq!((third.spend, &*third.model), (0.5, "gpt-4o-2024-08-06"));
 
     // A large batch (several insert statements or COPY messages) with a stored id far in:
     // the new rows all go in, the stored one counts once.

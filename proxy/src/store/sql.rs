@@ -358,7 +358,7 @@ impl SqlStore {
             query = query
                 .bind(r.request_id.as_str())
                 .bind(&*r.call_type)
-                .bind(r.api_key.as_str())
+                .bind(&*r.api_key)
                 .bind(r.spend)
                 .bind(to_i64(r.prompt_tokens))
                 .bind(to_i64(r.completion_tokens))
@@ -366,7 +366,7 @@ impl SqlStore {
                 .bind(r.start_time.timestamp_micros())
                 .bind(r.end_time.timestamp_micros())
                 .bind(r.completion_start_time.map(|t| t.timestamp_micros()))
-                .bind(r.model.as_str())
+                .bind(&*r.model)
                 .bind(&*r.model_id)
                 .bind(&*r.model_group)
                 .bind(&*r.custom_llm_provider)
@@ -1052,7 +1052,7 @@ fn spend_row_from_row(row: &AnyRow) -> Result<SpendRow, StoreError> {
     let tags = text("request_tags")?;
     Ok(SpendRow {
         call_type: text("call_type")?.into(),
-        api_key: text("api_key")?,
+        api_key: text("api_key")?.into(),
         spend: row.try_get("spend").map_err(db_err)?,
         prompt_tokens: count("prompt_tokens")?,
         completion_tokens: count("completion_tokens")?,
@@ -1064,7 +1064,7 @@ fn spend_row_from_row(row: &AnyRow) -> Result<SpendRow, StoreError> {
             .map_err(db_err)?
             .map(time)
             .transpose()?,
-        model: text("model")?,
+        model: text("model")?.into(),
         model_id: text("model_id")?.into(),
         model_group: text("model_group")?.into(),
         custom_llm_provider: text("custom_llm_provider")?.into(),

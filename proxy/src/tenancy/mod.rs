@@ -33,6 +33,8 @@ use crate::respond::names;
 pub struct KeyContext {
     /// The key, its limits completed from its `budget_id` row.
     pub key: KeyRecord,
+    /// The key's hash (`key.token`), shared by the spend rows of its requests.
+    pub token: Arc<str>,
     pub user: Option<UserRecord>,
     /// The team, its limits completed from its `budget_id` row.
     pub team: Option<TeamRecord>,
@@ -313,6 +315,7 @@ impl Tenancy {
             .map_err(unavailable)?;
         let team = self.team(team_id).await.map_err(unavailable)?;
         let ctx = Arc::new(KeyContext {
+            token: cache_key.as_str().into(),
             key: KeyRecord {
                 token: cache_key.clone(),
                 key_alias: Some(format!("jwt user={}", user_id.unwrap_or("-"))),
@@ -387,6 +390,7 @@ impl Tenancy {
             model_spend.insert(model.clone(), spend);
         }
         Ok(Some(KeyContext {
+            token: key.token.as_str().into(),
             key,
             user,
             team,
