@@ -30,16 +30,7 @@ source "$ROOT/benches/harness.sh"
 
 build_unless_skipped
 
-make_body "$WORK/body.json"
-start_mock
-start_gateway a none
-A_PORT=$GW_PORT A_PID=$GW_PID
-start_gateway b "$KEYS"
-B_PORT=$GW_PORT B_PID=$GW_PID B_DB=$DB_URL
-VKEY=$(generate_key "$B_PORT")
-probe "$A_PORT" "$WORK/body.json" bench false
-probe "$B_PORT" "$WORK/body.json" bench false -H "authorization: Bearer $VKEY"
-B_SENT=1
+start_ab_pair
 
 burst() { # PORT PID [HEADER] -> "rps p99 cpu_us_per_req requests"
     local port=$1 pid=$2 t0 t1 out
@@ -70,7 +61,7 @@ for r in $(seq "$ROUNDS"); do
     echo "| $r | $a_rps | $b_rps | $ratio | $a_p99 | $b_p99 | $a_cpu | $b_cpu |"
 done
 echo
-echo "Median B/A over $ROUNDS rounds: $(printf '%s\n' "${RATIOS[@]}" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
+echo "Median B/A over $ROUNDS rounds: $(median "${RATIOS[@]}")"
 echo
 echo "Spend rows written by B: $(stop_and_count_rows "$B_PID" "$KEYS" "$B_DB"), requests sent to B: $B_SENT (probe included)."
 echo "$(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)); both gateways on CPU $GW_CPU (--num-workers 1), mock + load generator on CPU $LOAD_CPU; ${DURATION} s measured after ${WARMUP} s warmup per turn, ${PAUSE} s pause after each; CPU per request = utime+stime over the turn and its pause / requests sent (warmup included)."

@@ -34,16 +34,7 @@ source "$ROOT/benches/harness.sh"
 
 build_unless_skipped
 
-make_body "$WORK/body.json"
-start_mock
-start_gateway a none
-A_PORT=$GW_PORT A_PID=$GW_PID
-start_gateway b "$KEYS"
-B_PORT=$GW_PORT B_PID=$GW_PID B_DB=$DB_URL
-VKEY=$(generate_key "$B_PORT")
-probe "$A_PORT" "$WORK/body.json" bench false
-probe "$B_PORT" "$WORK/body.json" bench false -H "authorization: Bearer $VKEY"
-B_SENT=1
+start_ab_pair
 
 # load PORT OUT [HEADER]: sluice-load in the background, its JSON into OUT; its pid in LOAD_PID.
 load() {
@@ -89,7 +80,7 @@ for r in $(seq "$ROUNDS"); do
     echo "| $r | $a_cpu | $b_cpu | $ratio | $(jq '.rps | floor' "$WORK/a.json") | $(jq '.rps | floor' "$WORK/b.json") | $(jq .latency_us.p99 "$WORK/a.json") | $(jq .latency_us.p99 "$WORK/b.json") |"
 done
 echo
-echo "Median B/A throughput over $ROUNDS rounds: $(printf '%s\n' "${RATIOS[@]}" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
+echo "Median B/A throughput over $ROUNDS rounds: $(median "${RATIOS[@]}")"
 echo
 echo "Spend rows written by B: $(stop_and_count_rows "$B_PID" "$KEYS" "$B_DB"), requests sent to B: $B_SENT (probe included)."
 echo "$(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)); both gateways on CPU $GW_CPU (--num-workers 1) at the same time, mock + both load generators on CPU $LOAD_CPU; ${DURATION} s measured after ${WARMUP} s warmup per round, ${PAUSE} s pause after each."

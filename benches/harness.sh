@@ -203,3 +203,24 @@ stop_and_count_rows() {
     *) echo "n/a" ;;
     esac
 }
+
+# start_ab_pair: for the keyed-vs-unkeyed harnesses, the chat body, the mock, gateway A without
+# keys and gateway B with KEYS' store, a virtual key for B, and one probe of each. Sets A_PORT,
+# A_PID, B_PORT, B_PID, B_DB, VKEY, and B_SENT=1 (the probe).
+start_ab_pair() {
+    make_body "$WORK/body.json"
+    start_mock
+    start_gateway a none
+    A_PORT=$GW_PORT A_PID=$GW_PID
+    start_gateway b "$KEYS"
+    B_PORT=$GW_PORT B_PID=$GW_PID B_DB=$DB_URL
+    VKEY=$(generate_key "$B_PORT")
+    probe "$A_PORT" "$WORK/body.json" bench false
+    probe "$B_PORT" "$WORK/body.json" bench false -H "authorization: Bearer $VKEY"
+    B_SENT=1
+}
+
+# median VALUE...: the median of the numbers given.
+median() {
+    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
