@@ -54,11 +54,8 @@ pub type Prices = (Option<f64>, Option<f64>);
 /// The deployment that answered a call, and what the call used and cost.
 #[derive(Debug, Clone, Default)]
 pub struct Served {
-    pub model: Arc<str>,
-    pub model_id: Arc<str>,
-    pub model_group: Arc<str>,
-    pub provider: Arc<str>,
-    pub api_base: Arc<str>,
+    /// The model called and the deployment's names, as its spend row records them.
+    pub labels: crate::router::Labels,
     pub usage: sluice_filters::usage::Usage,
     pub cost: f64,
     pub ttft: Option<Duration>,
@@ -538,6 +535,7 @@ impl ProxyHttp for Gateway {
 fn spend_row(ctx: &mut Ctx, status: u16) -> sluice_filters::tenancy::SpendRow {
     let served = ctx.served.take().unwrap_or_default();
     let u = served.usage;
+    let labels = served.labels;
     let key = ctx.tenant.as_ref().map(|k| &k.key);
     sluice_filters::tenancy::SpendRow {
         request_id: ctx.call_id.clone(),
@@ -554,15 +552,15 @@ fn spend_row(ctx: &mut Ctx, status: u16) -> sluice_filters::tenancy::SpendRow {
             .ttft
             .and_then(|t| chrono::Duration::from_std(t).ok())
             .map(|t| ctx.started_at + t),
-        model: served.model,
-        model_id: served.model_id,
-        model_group: if served.model_group.is_empty() {
+        model: labels.model,
+        model_id: labels.model_id,
+        model_group: if labels.model_group.is_empty() {
             ctx.requested_model.as_deref().unwrap_or_default().into()
         } else {
-            served.model_group
+            labels.model_group
         },
-        custom_llm_provider: served.provider,
-        api_base: served.api_base,
+        custom_llm_provider: labels.provider,
+        api_base: labels.api_base,
         user: key.and_then(|k| k.user_id.clone()),
         team_id: key.and_then(|k| k.team_id.clone()),
         end_user: ctx.end_user.clone(),

@@ -1299,19 +1299,17 @@ fn served(
     let c = &*plan.deployment;
     let usage = usage.unwrap_or_default();
     // A wildcard's concrete deployment is made per request; the others share their names.
-    let labels = match &plan.deployment {
+    let mut labels = match &plan.deployment {
         std::borrow::Cow::Borrowed(_) => picked.deployment.labels.clone(),
         std::borrow::Cow::Owned(concrete) => crate::router::Labels::of(concrete),
     };
+    if group.is_wildcard() {
+        labels.model_group = ctx.requested_model.as_deref().unwrap_or_default().into();
+    }
+    if *labels.model != plan.upstream_model {
+        labels.model = plan.upstream_model.as_str().into();
+    }
     crate::gateway::Served {
-        model_group: if group.is_wildcard() {
-            ctx.requested_model.as_deref().unwrap_or_default().into()
-        } else {
-            labels.model_group
-        },
-        model_id: labels.model_id,
-        provider: labels.provider,
-        api_base: labels.api_base,
         cost: crate::tenancy::cost_for(
             c.provider.name(),
             &plan.upstream_model,
@@ -1320,11 +1318,7 @@ fn served(
             usage.prompt_tokens,
             usage.completion_tokens,
         ),
-        model: if *labels.model == plan.upstream_model {
-            labels.model
-        } else {
-            plan.upstream_model.as_str().into()
-        },
+        labels,
         usage,
         ttft,
     }

@@ -323,8 +323,12 @@ fn record_usage(app: &App, ctx: &mut Ctx, u: Usage) {
         .clone()
         .unwrap_or_else(|| ("hosted_vllm".into(), (None, None)));
     ctx.served = Some(crate::gateway::Served {
-        model: model.into(),
-        model_group: model.into(),
+        labels: crate::router::Labels {
+            model: model.into(),
+            model_group: model.into(),
+            provider: provider.as_str().into(),
+            ..Default::default()
+        },
         cost: crate::tenancy::cost_for(
             &provider,
             model,
@@ -333,7 +337,6 @@ fn record_usage(app: &App, ctx: &mut Ctx, u: Usage) {
             u.prompt_tokens,
             u.completion_tokens,
         ),
-        provider: provider.into(),
         usage: u,
         ..Default::default()
     });
