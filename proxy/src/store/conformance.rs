@@ -836,6 +836,15 @@ async fn sqlite_file_store_conforms() {
         .unwrap()
         .get(0);
     assert_eq!(mode, "wal");
+    let page_size: i64 = sqlx::query("PRAGMA page_size")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        page_size, 32768,
+        "a new file gets the spend log's page size"
+    );
     assert_migrated_once(&mut conn, "sqlite").await;
 }
 

@@ -78,7 +78,14 @@ const CHANGES_LOCK: i64 = 0x736c_7569_6365_0002;
 /// Set on every SQLite file connection: wait up to 5 s for a lock held by another connection
 /// or process; in WAL mode, fsync at checkpoints rather than at every commit (a power loss
 /// may lose the last commits, never corrupt the file).
-const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL;";
+///
+/// A new file gets 32 KiB pages (the page size only takes effect before the file's first
+/// write; an existing file keeps its own). The spend log is append-heavy: with 4 KiB pages
+/// each row cost 2.8 µs of the writer's CPU in `spend_write_bench`, with 32 KiB 1.9 µs (fewer
+/// page splits, WAL frames and write calls). The checkpoint then runs every 500 pages, so the
+/// WAL grows to about 16 MiB between checkpoints, as it would with 16 KiB pages.
+const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL; \
+                              PRAGMA page_size = 32768; PRAGMA wal_autocheckpoint = 500;";
 
 /// Spend rows per INSERT statement: 21 parameters each, under SQLite's 32,766 and Postgres's
 /// 65,535 bound parameters. Batches are cut into power-of-two chunks so that each connection
