@@ -15,6 +15,7 @@
 //! increments; `sluice_spend_logs` has one column per [`SpendRow`] field. Times are BIGINT
 //! microseconds since the Unix epoch.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -383,7 +384,7 @@ impl SqlStore {
                 .bind(r.end_user.as_deref())
                 .bind(&*r.status)
                 .bind(i32::from(r.status_code))
-                .bind(tags_json(&r.request_tags));
+                .bind(tags_json(&r.request_tags).into_owned());
         }
         if !returning {
             let done = query.execute(&mut **tx).await.map_err(db_err)?;
@@ -1003,11 +1004,12 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 /// The JSON text of a tag list; the usual empty list without serialising.
-fn tags_json(tags: &[String]) -> String {
+fn tags_json(tags: &[String]) -> Cow<'static, str> {
     if tags.is_empty() {
-        return "[]".to_string();
+        // Most rows: no allocation for them.
+        return Cow::Borrowed("[]");
     }
-    serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
+    Cow::Owned(serde_json::to_string(tags).unwrap_or_else(|_| "[]".into()))
 }
 
 /// `items` cut into chunks of power-of-two lengths, largest first, of at most

@@ -31,10 +31,58 @@ enum Msg {
     Flush(oneshot::Sender<usize>),
 }
 
-/// Boxed on the writer's own thread: while the database is away millions may wait here.
+/// What waits to be written, in order. Rows wait in chunks of at most [`BATCH`], each written
+/// as it stands: a row is moved once, from the channel into its chunk, and never boxed, while
+/// an outage can still hold millions without one huge buffer to grow.
 enum Op {
-    Row(Box<SpendRow>),
+    Rows(Vec<SpendRow>),
     Reset(Kind, String, Value),
+}
+
+/// The writer's queue: operations in order, with its row count.
+#[derive(Default)]
+struct Pending {
+    ops: VecDeque<Op>,
+    rows: usize,
+    /// An emptied chunk, kept for the next one: a [`BATCH`]-row vector is a large allocation
+    /// that the allocator would return to the OS in between, and fault in again.
+    spare: Vec<SpendRow>,
+}
+
+impl Pending {
+    fn push_row(&mut self, row: SpendRow) {
+        self.rows += 1;
+        if let Some(Op::Rows(chunk)) = self.ops.back_mut() {
+            if chunk.len() < BATCH {
+                chunk.push(row);
+                return;
+            }
+        }
+        let mut chunk = std::mem::take(&mut self.spare);
+        chunk.reserve_exact(BATCH);
+        chunk.push(row);
+        self.ops.push_back(Op::Rows(chunk));
+    }
+
+    /// Drops the oldest rows beyond `max`; how many went.
+    fn drop_oldest_beyond(&mut self, max: usize) -> usize {
+        let mut dropped = 0;
+        while self.rows > max {
+            let excess = self.rows - max;
+            match self.ops.iter_mut().find(|op| matches!(op, Op::Rows(_))) {
+                Some(Op::Rows(chunk)) => {
+                    let n = excess.min(chunk.len());
+                    chunk.drain(..n);
+                    self.rows -= n;
+                    dropped += n;
+                }
+                _ => break,
+            }
+            self.ops
+                .retain(|op| !matches!(op, Op::Rows(c) if c.is_empty()));
+        }
+        dropped
+    }
 }
 
 #[derive(Clone)]
@@ -113,19 +161,16 @@ async fn run(
     wake: Arc<tokio::sync::Notify>,
     dropped: prometheus::IntCounter,
 ) {
-    let mut pending: VecDeque<Op> = VecDeque::new();
-    // One batch's rows, kept between batches: a fresh 1,000-row vector each time is a large
-    // allocation the allocator returns to the OS in between, and faults in again.
-    let mut batch: Vec<SpendRow> = Vec::new();
+    let mut pending = Pending::default();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::ZERO;
     let mut retry_at = tokio::time::Instant::now();
     loop {
         let mut flush_waiter = None;
-        let mut take = |m: Msg, pending: &mut VecDeque<Op>| match m {
-            Msg::Row(r) => pending.push_back(Op::Row(Box::new(r))),
-            Msg::Reset(k, id, doc) => pending.push_back(Op::Reset(k, id, doc)),
+        let mut take = |m: Msg, pending: &mut Pending| match m {
+            Msg::Row(r) => pending.push_row(r),
+            Msg::Reset(k, id, doc) => pending.ops.push_back(Op::Reset(k, id, doc)),
             Msg::Flush(tx) => flush_waiter = Some(tx),
         };
         let tick = tokio::select! {
@@ -137,31 +182,31 @@ async fn run(
                 Ok(m) => take(m, &mut pending),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                    write_all(&*store, &mut pending, &mut batch, &queued).await;
+                    write_all(&*store, &mut pending, &queued).await;
                     return;
                 }
             }
         }
-        while pending.len() > MAX_PENDING {
-            if let Some(Op::Row(_)) = pending.pop_front() {
-                queued.fetch_sub(1, Ordering::Relaxed);
-                dropped.inc();
-                tracing::error!(
-                    "spend buffer full while the database is away: dropped the oldest row"
-                );
-            }
+        let lost = pending.drop_oldest_beyond(MAX_PENDING);
+        if lost > 0 {
+            queued.fetch_sub(lost as i64, Ordering::Relaxed);
+            dropped.inc_by(lost as u64);
+            tracing::error!(
+                rows = lost,
+                "spend buffer full while the database is away: dropped the oldest rows"
+            );
         }
         if let Some(tx) = flush_waiter {
             // A flush retries until it succeeds or the caller stops waiting.
-            while !write_all(&*store, &mut pending, &mut batch, &queued).await && !tx.is_closed() {
+            while !write_all(&*store, &mut pending, &queued).await && !tx.is_closed() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            let _ = tx.send(pending.len());
+            let _ = tx.send(pending.rows);
             continue;
         }
-        let due = tick || pending.len() >= BATCH;
-        if due && !pending.is_empty() && tokio::time::Instant::now() >= retry_at {
-            if write_all(&*store, &mut pending, &mut batch, &queued).await {
+        let due = tick || pending.rows >= BATCH;
+        if due && !pending.ops.is_empty() && tokio::time::Instant::now() >= retry_at {
+            if write_all(&*store, &mut pending, &queued).await {
                 backoff = Duration::ZERO;
             } else {
                 backoff = (backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
@@ -172,46 +217,96 @@ async fn run(
 }
 
 /// Writes pending operations in order; `false` (with the rest kept) at the first failure.
-/// `rows` is scratch space for a batch, empty between calls.
-async fn write_all(
-    store: &dyn Store,
-    pending: &mut VecDeque<Op>,
-    rows: &mut Vec<SpendRow>,
-    queued: &AtomicI64,
-) -> bool {
-    while let Some(front) = pending.front() {
+async fn write_all(store: &dyn Store, pending: &mut Pending, queued: &AtomicI64) -> bool {
+    while let Some(front) = pending.ops.front_mut() {
         match front {
             Op::Reset(kind, id, doc) => {
                 if let Err(e) = store.put_with_spend(*kind, id, 0.0, doc).await {
                     tracing::warn!(error = %e, "budget reset not written yet; will retry");
                     return false;
                 }
-                pending.pop_front();
             }
-            Op::Row(_) => {
-                // Rows move out for the write and back in front if it fails (no copies).
-                rows.reserve(BATCH.min(pending.len()));
-                while rows.len() < BATCH {
-                    match pending.pop_front() {
-                        Some(Op::Row(r)) => rows.push(*r),
-                        Some(other) => {
-                            pending.push_front(other);
-                            break;
-                        }
-                        None => break,
-                    }
-                }
+            Op::Rows(rows) => {
                 if let Err(e) = store.write_spend(rows).await {
                     tracing::warn!(error = %e, rows = rows.len(), "spend rows not written yet; kept for retry");
-                    for r in rows.drain(..).rev() {
-                        pending.push_front(Op::Row(Box::new(r)));
-                    }
                     return false;
                 }
                 queued.fetch_sub(rows.len() as i64, Ordering::Relaxed);
+                pending.rows -= rows.len();
                 rows.clear();
+                if pending.spare.capacity() == 0 {
+                    pending.spare = std::mem::take(rows);
+                }
             }
         }
+        pending.ops.pop_front();
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: usize) -> SpendRow {
+        SpendRow {
+            request_id: id.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// The ids waiting, in order, with `|` where a reset stands.
+    fn layout(p: &Pending) -> Vec<String> {
+        p.ops
+            .iter()
+            .flat_map(|op| match op {
+                Op::Rows(rows) => rows.iter().map(|r| r.request_id.clone()).collect(),
+                Op::Reset(..) => vec!["|".to_string()],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_wait_in_order_in_chunks_of_a_batch_around_resets() {
+        let mut p = Pending::default();
+        for i in 0..BATCH + 2 {
+            p.push_row(row(i));
+        }
+        p.ops
+            .push_back(Op::Reset(Kind::Key, "k".into(), Value::Null));
+        p.push_row(row(BATCH + 2));
+        let sizes: Vec<usize> = p
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Rows(r) => r.len(),
+                Op::Reset(..) => 0,
+            })
+            .collect();
+        assert_eq!(sizes, [BATCH, 2, 0, 1]);
+        assert_eq!(p.rows, BATCH + 3);
+        let ids = layout(&p);
+        let expected: Vec<String> = (0..BATCH + 2)
+            .map(|i| i.to_string())
+            .chain(["|".to_string(), (BATCH + 2).to_string()])
+            .collect();
+        assert_eq!(ids, expected);
+    }
+
+    #[test]
+    fn past_the_limit_the_oldest_rows_go_and_resets_stay() {
+        let mut p = Pending::default();
+        for i in 0..5 {
+            p.push_row(row(i));
+        }
+        p.ops
+            .push_back(Op::Reset(Kind::Key, "k".into(), Value::Null));
+        for i in 5..8 {
+            p.push_row(row(i));
+        }
+        assert_eq!(p.drop_oldest_beyond(8), 0);
+        assert_eq!(p.drop_oldest_beyond(2), 6);
+        assert_eq!(p.rows, 2);
+        assert_eq!(layout(&p), ["|", "6", "7"]);
+    }
 }

@@ -8,6 +8,7 @@
 //! whether every row went in. In callgrind (`spend_write_bench`) the writer's instructions per
 //! row fell from about 28k to 16k.
 
+use std::borrow::Cow;
 use std::ffi::{c_int, CStr, CString};
 use std::ptr::{self, NonNull};
 
@@ -112,7 +113,7 @@ impl Statement {
     fn insert(&self, db: *mut ffi::sqlite3, rows: &[SpendRow]) -> Result<usize, SqliteError> {
         let stmt = self.0.as_ptr();
         // Bound in place: these strings must outlive the step and the reset below.
-        let tags: Vec<String> = rows.iter().map(|r| tags_json(&r.request_tags)).collect();
+        let tags: Vec<Cow<str>> = rows.iter().map(|r| tags_json(&r.request_tags)).collect();
         let mut rc = ffi::SQLITE_OK;
         for (at, (row, tags)) in rows.iter().zip(&tags).enumerate() {
             // SAFETY: `stmt` is live, has LOG_COLUMN_COUNT parameters per row of `rows`, and
