@@ -2,6 +2,8 @@
 //! an [`Authenticator`]. The master-key authenticator lives here; virtual keys plug in as another
 //! implementation of the same trait.
 
+use std::sync::Arc;
+
 use crate::error::ApiError;
 
 /// Header names that may carry the key, in the order they are read.
@@ -46,8 +48,8 @@ pub struct Principal {
     pub admin: bool,
     /// Model groups the caller may use; `None` = all.
     pub models: Option<Vec<String>>,
-    /// Hash of the key for logs and spend (never the key itself).
-    pub key_hash: Option<String>,
+    /// Hash of the key for logs and spend (never the key itself); shared with the cached key.
+    pub key_hash: Option<Arc<str>>,
     /// The key's (or JWT's) user and team.
     pub user_id: Option<String>,
     pub team_id: Option<String>,
@@ -74,6 +76,12 @@ impl Principal {
 /// Decides whether a key may call the gateway.
 pub trait Authenticator: Send + Sync {
     fn authenticate(&self, key: Option<&str>) -> Result<Principal, ApiError>;
+
+    /// Whether `key` passes this authenticator: [`Authenticator::authenticate`]'s answer
+    /// without building it, for callers that try virtual keys when it does not.
+    fn passes(&self, key: Option<&str>) -> bool {
+        self.authenticate(key).is_ok()
+    }
 }
 
 /// LiteLLM's master key: without one the proxy is open; with one, only that key passes (virtual
@@ -112,13 +120,21 @@ impl Authenticator for MasterKeyAuth {
             Some(k) if constant_time_eq(k.as_bytes(), master.as_bytes()) => Ok(Principal {
                 admin: true,
                 models: None,
-                key_hash: Some(crate::hash_key(k)),
+                key_hash: Some(crate::hash_key(k).into()),
                 user_id: None,
                 team_id: None,
             }),
             Some(_) => Err(ApiError::unauthorized(
                 "Authentication Error, Invalid proxy server token passed. Received API Key = sk-...(redacted). Unable to find token in cache or `LiteLLM_VerificationTokenTable`",
             )),
+        }
+    }
+
+    fn passes(&self, key: Option<&str>) -> bool {
+        match (&self.master_key, key) {
+            (None, _) => true,
+            (Some(master), Some(k)) => constant_time_eq(k.as_bytes(), master.as_bytes()),
+            (Some(_), None) => false,
         }
     }
 }
@@ -169,5 +185,25 @@ mod tests {
         let e = gated.authenticate(None).unwrap_err();
         assert_eq!(e.status, 401);
         assert!(!e.message.contains("sk-other"));
+    }
+
+    #[test]
+    fn passes_says_what_authenticate_decides() {
+        let open = MasterKeyAuth::new(None);
+        let gated = MasterKeyAuth::new(Some("sk-master".into()));
+        for key in [
+            None,
+            Some("sk-master"),
+            Some("sk-other"),
+            Some("sk-maste"),
+            Some(""),
+        ] {
+            assert_eq!(open.passes(key), open.authenticate(key).is_ok(), "{key:?}");
+            assert_eq!(
+                gated.passes(key),
+                gated.authenticate(key).is_ok(),
+                "{key:?}"
+            );
+        }
     }
 }

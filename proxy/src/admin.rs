@@ -172,7 +172,8 @@ pub async fn handle(
     // Non-admins may read their own key and nothing else.
     if !principal.admin {
         let own = path == "/key/info"
-            && q("key").is_none_or(|k| Some(token_of(&k)) == principal.key_hash);
+            && q("key")
+                .is_none_or(|k| Some(token_of(&k).as_str()) == principal.key_hash.as_deref());
         if !own {
             return Err(forbidden(&path));
         }
@@ -184,7 +185,8 @@ pub async fn handle(
                 Some(k) => token_of(&k),
                 None => principal
                     .key_hash
-                    .clone()
+                    .as_deref()
+                    .map(str::to_string)
                     .ok_or_else(|| ApiError::bad_request("Missing required parameter: 'key'"))?,
             };
             let info = key_object(t, &token).await?;

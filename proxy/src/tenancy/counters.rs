@@ -15,7 +15,7 @@ use sluice_filters::tenancy::Kind;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scope {
     pub kind: Kind,
-    pub id: String,
+    pub id: Arc<str>,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
     pub parallel: Option<u64>,
@@ -109,15 +109,15 @@ impl LocalCounters {
         let mut maps = self.scopes.lock();
         for (i, s) in scopes.iter().enumerate() {
             let map = &mut maps[slot(s.kind)];
-            if !map.contains_key(s.id.as_str()) {
+            if !map.contains_key(&*s.id) {
                 let fresh = ScopeState {
                     period: s.period,
                     spend: s.seed,
                     ..Default::default()
                 };
-                map.insert(s.id.clone(), fresh);
+                map.insert(s.id.to_string(), fresh);
             }
-            let st = map.get_mut(s.id.as_str()).expect("inserted above");
+            let st = map.get_mut(&*s.id).expect("inserted above");
             if st.period != s.period {
                 st.period = s.period;
                 st.spend = s.seed;
@@ -146,7 +146,7 @@ impl LocalCounters {
             .iter()
             .map(|s| {
                 let st = maps[slot(s.kind)]
-                    .get_mut(s.id.as_str())
+                    .get_mut(&*s.id)
                     .expect("entry made above");
                 st.requests += 1;
                 st.parallel += 1;
@@ -164,7 +164,7 @@ impl LocalCounters {
         let window = now_secs() / 60;
         let mut maps = self.scopes.lock();
         for s in scopes {
-            if let Some(st) = maps[slot(s.kind)].get_mut(s.id.as_str()) {
+            if let Some(st) = maps[slot(s.kind)].get_mut(&*s.id) {
                 st.roll(window);
                 st.tokens += tokens;
                 if st.period == s.period {

@@ -460,10 +460,12 @@ impl Tenancy {
     }
 
     /// A scope for one level, its period settled (and a reset queued when one passed).
+    /// `id` comes as an `Arc` where the caller holds one (the key's hash), so that the
+    /// request's scope shares it rather than copying it.
     fn scope(
         &self,
         kind: Kind,
-        id: &str,
+        id: impl AsRef<str> + Into<Arc<str>>,
         limits: &Limits,
         spend: f64,
         now: DateTime<Utc>,
@@ -471,11 +473,11 @@ impl Tenancy {
         let (period, reset) = budget_period(limits, now);
         let seed = if reset.is_some() { 0.0 } else { spend };
         if let Some(at) = reset {
-            self.queue_reset(kind, id, limits, at);
+            self.queue_reset(kind, id.as_ref(), limits, at);
         }
         Scope {
             kind,
-            id: id.to_string(),
+            id: id.into(),
             rpm: limits.rpm_limit,
             tpm: limits.tpm_limit,
             parallel: limits.max_parallel_requests,
@@ -551,7 +553,7 @@ impl Tenancy {
                 }
             }
             let token = &k.key.token;
-            scopes.push(self.scope(Kind::Key, token, &k.key.limits, k.key.spend, now));
+            scopes.push(self.scope(Kind::Key, k.token.clone(), &k.key.limits, k.key.spend, now));
             if let Some(mb) = k.key.limits.model_max_budget.get(group) {
                 let limits = Limits {
                     max_budget: Some(mb.limit()),
@@ -560,17 +562,17 @@ impl Tenancy {
                 let spend = k.model_spend.get(group).copied().unwrap_or(0.0);
                 scopes.push(self.scope(
                     Kind::KeyModel,
-                    &format!("{token}/{group}"),
+                    format!("{token}/{group}"),
                     &limits,
                     spend,
                     now,
                 ));
             }
             if let Some(u) = &k.user {
-                scopes.push(self.scope(Kind::User, &u.user_id, &u.limits, u.spend, now));
+                scopes.push(self.scope(Kind::User, u.user_id.as_str(), &u.limits, u.spend, now));
             }
             if let Some(t) = &k.team {
-                scopes.push(self.scope(Kind::Team, &t.team_id, &t.limits, t.spend, now));
+                scopes.push(self.scope(Kind::Team, t.team_id.as_str(), &t.limits, t.spend, now));
             }
         }
         if let Some(id) = end_user {
@@ -680,8 +682,8 @@ fn scope_label(s: &Scope, key: Option<&Arc<KeyContext>>) -> String {
             .team
             .as_ref()
             .and_then(|t| t.team_alias.clone())
-            .unwrap_or_else(|| s.id.clone()),
-        _ => s.id.clone(),
+            .unwrap_or_else(|| s.id.to_string()),
+        _ => s.id.to_string(),
     }
 }
 
@@ -755,36 +757,47 @@ fn admission_headers(
     standings: &[Standing],
     has_key: bool,
 ) -> Vec<(HeaderName, HeaderValue)> {
-    let mut h = vec![];
+    use std::fmt::Write as _;
     let Some(i) = scopes
         .iter()
         .position(|s| s.kind == Kind::Key)
         .filter(|_| has_key)
     else {
-        return h;
+        return vec![];
     };
     let (s, st) = (&scopes[i], &standings[i]);
-    if let Ok(spend) = HeaderValue::try_from(st.spend.to_string()) {
-        h.push((names::KEY_SPEND, spend));
-    }
-    let reset = HeaderValue::from(counters::window_reset_secs());
+    // Every value is written into one buffer and the headers share slices of it: one
+    // allocation per request instead of one per header.
+    let mut text = String::with_capacity(128);
+    let mut spans: [Option<(HeaderName, std::ops::Range<usize>)>; 7] = Default::default();
+    let mut count = 0;
+    let mut put = |name: HeaderName, value: &dyn std::fmt::Display| {
+        let start = text.len();
+        let _ = write!(text, "{value}");
+        spans[count] = Some((name, start..text.len()));
+        count += 1;
+    };
+    put(names::KEY_SPEND, &st.spend);
+    let reset = counters::window_reset_secs();
     if let Some(l) = s.rpm {
-        h.push((names::LIMIT_REQUESTS, HeaderValue::from(l)));
-        h.push((
-            names::REMAINING_REQUESTS,
-            HeaderValue::from(l.saturating_sub(st.requests)),
-        ));
-        h.push((names::RESET_REQUESTS, reset.clone()));
+        put(names::LIMIT_REQUESTS, &l);
+        put(names::REMAINING_REQUESTS, &l.saturating_sub(st.requests));
+        put(names::RESET_REQUESTS, &reset);
     }
     if let Some(l) = s.tpm {
-        h.push((names::LIMIT_TOKENS, HeaderValue::from(l)));
-        h.push((
-            names::REMAINING_TOKENS,
-            HeaderValue::from(l.saturating_sub(st.tokens)),
-        ));
-        h.push((names::RESET_TOKENS, reset));
+        put(names::LIMIT_TOKENS, &l);
+        put(names::REMAINING_TOKENS, &l.saturating_sub(st.tokens));
+        put(names::RESET_TOKENS, &reset);
     }
-    h
+    let text = bytes::Bytes::from(text);
+    // Room for the soft-budget header too.
+    let mut headers = Vec::with_capacity(spans.len() + 1);
+    for (name, span) in spans.into_iter().flatten() {
+        if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(span)) {
+            headers.push((name, value));
+        }
+    }
+    headers
 }
 
 /// Cost of a call: explicit prices (`input_cost_per_token` / `output_cost_per_token` on the
