@@ -61,6 +61,8 @@ fn bench(c: &mut Criterion) {
                         "m",
                         |m| m.iter().any(|x| x == "m"),
                         Some("end-user"),
+                        // The gateway reads this clock at arrival; counted here all the same.
+                        chrono::Utc::now(),
                     )
                     .await
                     .unwrap();

@@ -464,35 +464,6 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let (total_ms, overhead_ms) = ctx.durations_ms();
         let status = if ctx.status == 0 { 499 } else { ctx.status };
-        if let Some(t) = &self.app.tenancy {
-            let row = ctx.llm_call.then(|| spend_row(ctx, status));
-            if let Some(r) = &row {
-                if r.spend > 0.0 {
-                    let alias = ctx
-                        .tenant
-                        .as_ref()
-                        .and_then(|k| k.key.key_alias.clone())
-                        .unwrap_or_default();
-                    self.app
-                        .metrics
-                        .spend
-                        .with_label_values(&[
-                            r.end_user.as_deref().unwrap_or(""),
-                            &r.api_key,
-                            &alias,
-                            &r.model_group,
-                            r.team_id.as_deref().unwrap_or(""),
-                            r.user.as_deref().unwrap_or(""),
-                        ])
-                        .inc_by(r.spend);
-                }
-            }
-            t.finish(ctx.admission.take(), row).await;
-            self.app
-                .metrics
-                .spend_queue_size
-                .set(t.writer.queued.load(std::sync::atomic::Ordering::Relaxed));
-        }
         let model = ctx.requested_model.as_deref().unwrap_or("");
         let m = &self.app.metrics;
         let status_s = status.to_string();
@@ -533,6 +504,36 @@ impl ProxyHttp for Gateway {
             overhead_ms = format!("{overhead_ms:.3}"),
             "request"
         );
+        // Last: the spend row takes the request's id and served call from `ctx`.
+        if let Some(t) = &self.app.tenancy {
+            let row = ctx.llm_call.then(|| spend_row(ctx, status));
+            if let Some(r) = &row {
+                if r.spend > 0.0 {
+                    let alias = ctx
+                        .tenant
+                        .as_ref()
+                        .and_then(|k| k.key.key_alias.clone())
+                        .unwrap_or_default();
+                    self.app
+                        .metrics
+                        .spend
+                        .with_label_values(&[
+                            r.end_user.as_deref().unwrap_or(""),
+                            &r.api_key,
+                            &alias,
+                            &r.model_group,
+                            r.team_id.as_deref().unwrap_or(""),
+                            r.user.as_deref().unwrap_or(""),
+                        ])
+                        .inc_by(r.spend);
+                }
+            }
+            t.finish(ctx.admission.take(), row).await;
+            self.app
+                .metrics
+                .spend_queue_size
+                .set(t.writer.queued.load(std::sync::atomic::Ordering::Relaxed));
+        }
     }
 }
 
@@ -543,7 +544,8 @@ fn spend_row(ctx: &mut Ctx, status: u16) -> sluice_filters::tenancy::SpendRow {
     let labels = served.labels;
     let key = ctx.tenant.as_ref().map(|k| &k.key);
     sluice_filters::tenancy::SpendRow {
-        request_id: ctx.call_id.clone(),
+        // Taken: the row is the request's last use of its id (see `logging`).
+        request_id: std::mem::take(&mut ctx.call_id),
         call_type: ctx.route.into(),
         // Taken: the row is the last use of the hash (spend_row runs as the request is logged).
         api_key: ctx.key_hash.take().unwrap_or_default(),

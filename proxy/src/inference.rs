@@ -476,6 +476,7 @@ async fn serve(
                 &group_name,
                 allowed,
                 end_user.as_deref(),
+                ctx.started_at,
             )
             .await?,
         );

@@ -518,14 +518,15 @@ impl Tenancy {
     }
 
     /// Model access, budgets and limits for one call; counts it when everything passes.
+    /// Budget periods are judged at `now`, the request's arrival.
     pub async fn admit(
         &self,
         key: Option<&Arc<KeyContext>>,
         group: &str,
         allowed_by_key: impl Fn(&[String]) -> bool,
         end_user: Option<&str>,
+        now: DateTime<Utc>,
     ) -> Result<Admission, ApiError> {
-        let now = Utc::now();
         let mut scopes = Vec::with_capacity(6);
         {
             let (spend, limits) = &*self.global.read();
