@@ -20,16 +20,29 @@ pub use error::ApiError;
 
 /// SHA-256 hex of a key: how keys appear in logs and storage (never in the clear).
 pub fn hash_key(key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    // Runs on every request that carries a key: hex by table, not a `format!` per byte.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(key.as_bytes());
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 0xf)] as char);
+    KeyHash::of(key).as_str().to_owned()
+}
+
+/// [`hash_key`] on the stack, for the request path's cache lookup.
+pub struct KeyHash([u8; 64]);
+
+impl KeyHash {
+    pub fn of(key: &str) -> KeyHash {
+        use sha2::{Digest, Sha256};
+        // Runs on every request that carries a key: hex by table, not a `format!` per byte.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let digest = Sha256::digest(key.as_bytes());
+        let mut out = [0u8; 64];
+        for (i, b) in digest.into_iter().enumerate() {
+            out[2 * i] = HEX[usize::from(b >> 4)];
+            out[2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+        KeyHash(out)
     }
-    out
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
 }
 
 #[cfg(test)]

@@ -152,7 +152,7 @@ impl Gateway {
                 });
             }
         }
-        let Some(k) = t.key(&sluice_filters::hash_key(key)).await? else {
+        let Some(k) = t.key(sluice_filters::KeyHash::of(key).as_str()).await? else {
             return self.app.auth.authenticate(Some(key));
         };
         t.check_key(&k)?;
