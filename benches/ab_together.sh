@@ -14,8 +14,9 @@
 # not the figure: the scheduler shares the core between threads, not processes, and B's
 # spend writer is a thread of its own.
 #
-# After the last round B gets SIGTERM (which flushes its spend log) and the rows it wrote are
-# counted against the requests it was sent.
+# After the rounds it prints the CPU per request of each gateway's threads over all rounds, so
+# that B's extra splits into its request thread and its spend writer. Then B gets SIGTERM (which
+# flushes its spend log) and the rows it wrote are counted against the requests it was sent.
 #
 # Environment: KEYS=sqlite|postgres|memory (B's store), ROUNDS=6, DURATION=4, WARMUP=1,
 # PAUSE=1.5, CONCURRENCY=16, GW_CPU=0, LOAD_CPU=1, SKIP_BUILD=1, BENCH_PG (as in run.sh).
@@ -54,6 +55,9 @@ cpu_ns_per_req() { awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { printf "%d"
 echo "| round | A CPU ns/req (no keys) | B CPU ns/req ($KEYS) | B/A throughput (A CPU / B CPU) | A rps | B rps | A p99 µs | B p99 µs |"
 echo "|--:|--:|--:|--:|--:|--:|--:|--:|"
 RATIOS=()
+A_SENT=0
+thread_ticks "$A_PID" >"$WORK/a.threads0"
+thread_ticks "$B_PID" >"$WORK/b.threads0"
 for r in $(seq "$ROUNDS"); do
     a0=$(cpu_ticks "$A_PID")
     b0=$(cpu_ticks "$B_PID")
@@ -72,6 +76,7 @@ for r in $(seq "$ROUNDS"); do
     # total_requests counts the warmup's requests too, as the ticks count their CPU.
     a_n=$(jq .total_requests "$WORK/a.json")
     b_n=$(jq .total_requests "$WORK/b.json")
+    A_SENT=$((A_SENT + a_n))
     B_SENT=$((B_SENT + b_n))
     a_cpu=$(cpu_ns_per_req $((a1 - a0)) "$a_n")
     b_cpu=$(cpu_ns_per_req $((b1 - b0)) "$b_n")
@@ -81,6 +86,17 @@ for r in $(seq "$ROUNDS"); do
 done
 echo
 echo "Median B/A throughput over $ROUNDS rounds: $(median "${RATIOS[@]}")"
+echo
+# Where each gateway's CPU went, by thread, over all rounds: B's extra splits into its request
+# thread (named sluice, like A's) and its spend writer's threads.
+thread_ticks "$A_PID" >"$WORK/a.threads1"
+thread_ticks "$B_PID" >"$WORK/b.threads1"
+echo "| thread | A CPU ns/req | B CPU ns/req |"
+echo "|---|--:|--:|"
+per_thread() { join "$WORK/$1.threads0" "$WORK/$1.threads1" | awk -v n="$2" -v hz="$CLK_TCK" '{ printf "%s %d\n", $1, ($3 - $2) * 1e9 / hz / n }'; }
+# B's probe ran before the first count, so it is left out here.
+join -a1 -a2 -e 0 -o 0,1.2,2.2 <(per_thread a "$A_SENT") <(per_thread b "$((B_SENT - 1))") |
+    awk '$2 + $3 > 0 { printf "| %s | %d | %d |\n", $1, $2, $3 }'
 echo
 echo "Spend rows written by B: $(stop_and_count_rows "$B_PID" "$KEYS" "$B_DB"), requests sent to B: $B_SENT (probe included)."
 echo "$(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)); both gateways on CPU $GW_CPU (--num-workers 1) at the same time, mock + both load generators on CPU $LOAD_CPU; ${DURATION} s measured after ${WARMUP} s warmup per round, ${PAUSE} s pause after each."

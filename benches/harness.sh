@@ -88,6 +88,16 @@ cpu_ticks() {
     awk '{ print $12 + $13 }' <<<"$stat"
 }
 
+# thread_ticks PID: "NAME TICKS" per thread name (threads of one name summed), sorted by name;
+# spaces in names become underscores.
+thread_ticks() {
+    local t stat
+    for t in /proc/"$1"/task/*; do
+        stat=$(<"$t/stat") || continue
+        printf '%s %s\n' "$(tr ' ' '_' <"$t/comm")" "$(awk '{ print $12 + $13 }' <<<"${stat##*") "}")"
+    done | awk '{ sum[$1] += $2 } END { for (n in sum) print n, sum[n] }' | sort
+}
+
 # make_body FILE: a ~2 KB chat completion for model `bench`.
 make_body() {
     local filler="The quick brown fox jumps over the lazy dog while the gateway forwards tokens. "
