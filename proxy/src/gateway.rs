@@ -62,9 +62,8 @@ pub struct Served {
 }
 
 impl Ctx {
-    /// Milliseconds since arrival, and of those the gateway's own share.
-    pub fn durations_ms(&self) -> (f64, f64) {
-        let total = self.arrived.elapsed();
+    /// Milliseconds of `total` (the time since arrival), and of those the gateway's own share.
+    pub fn durations_ms(&self, total: Duration) -> (f64, f64) {
         let overhead = total.saturating_sub(self.upstream_wait);
         (total.as_secs_f64() * 1e3, overhead.as_secs_f64() * 1e3)
     }
@@ -462,7 +461,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        let (total_ms, overhead_ms) = ctx.durations_ms();
+        let total = ctx.arrived.elapsed();
+        let (total_ms, overhead_ms) = ctx.durations_ms(total);
         let status = if ctx.status == 0 { 499 } else { ctx.status };
         let model = ctx.requested_model.as_deref().unwrap_or("");
         let m = &self.app.metrics;
@@ -506,7 +506,7 @@ impl ProxyHttp for Gateway {
         );
         // Last: the spend row takes the request's id and served call from `ctx`.
         if let Some(t) = &self.app.tenancy {
-            let row = ctx.llm_call.then(|| spend_row(ctx, status));
+            let row = ctx.llm_call.then(|| spend_row(ctx, status, total));
             if let Some(r) = &row {
                 if r.spend > 0.0 {
                     let alias = ctx
@@ -537,8 +537,8 @@ impl ProxyHttp for Gateway {
     }
 }
 
-/// The spend-log row of a finished LLM call.
-fn spend_row(ctx: &mut Ctx, status: u16) -> sluice_filters::tenancy::SpendRow {
+/// The spend-log row of a finished LLM call, `total` after its arrival.
+fn spend_row(ctx: &mut Ctx, status: u16, total: Duration) -> sluice_filters::tenancy::SpendRow {
     let served = ctx.served.take().unwrap_or_default();
     let u = served.usage;
     let labels = served.labels;
@@ -554,7 +554,9 @@ fn spend_row(ctx: &mut Ctx, status: u16) -> sluice_filters::tenancy::SpendRow {
         completion_tokens: u.completion_tokens,
         total_tokens: u.total_tokens.max(u.prompt_tokens + u.completion_tokens),
         start_time: ctx.started_at,
-        end_time: chrono::Utc::now(),
+        // The arrival's wall-clock time plus the monotonic time since: no second clock read,
+        // and the row's duration is the one the access log and metrics report.
+        end_time: ctx.started_at + chrono::Duration::from_std(total).unwrap_or_default(),
         completion_start_time: served
             .ttft
             .and_then(|t| chrono::Duration::from_std(t).ok())

@@ -1035,7 +1035,7 @@ fn client_header(
     extra: &[(&'static str, String)],
     content_type: Option<&str>,
 ) -> ResponseHeader {
-    let (total_ms, overhead_ms) = ctx.durations_ms();
+    let (total_ms, overhead_ms) = ctx.durations_ms(ctx.arrived.elapsed());
     let admission = ctx.admission.as_ref().map_or(0, |a| a.headers.len());
     // Cost, two durations, content type and length, and what the upstream sent.
     let more = admission + 5 + upstream.headers.len();
